@@ -1,0 +1,3 @@
+from megalora.cli import main
+
+raise SystemExit(main())

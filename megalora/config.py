@@ -1,0 +1,471 @@
+"""The one typed config tree. YAML files and `--key value` flags are two spellings of it.
+
+A YAML file may nest keys by section (`lora: {lora_rank: 8}`) or give them flat
+(`lora_rank: 8`), as ms-swift's Megatron YAMLs do; flags are always flat. Every field
+name is unique across sections, so a flat key names exactly one field. Field docstrings
+(the `doc` metadata) are the `--help` text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or flag; the message names the key at fault."""
+
+
+def _f(default, doc: str, *, choices: tuple | None = None):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, "choices": choices})
+    return field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass
+class ModelSection:
+    model: str = _f("demo", "HF model folder or hub id (`Qwen/Qwen3-Coder-Next`); `demo` is the embedded tiny Qwen3-Next made locally.")
+    use_hf: bool = _f(False, "Resolve hub ids through the Hugging Face hub instead of ModelScope.")
+    torch_dtype: str = _f("auto", "Dtype of the frozen base weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on few GPUs).")
+
+
+@dataclass
+class DataSection:
+    dataset: list = _f([], "Training data: JSONL files, folders, globs, `datasets` folders or hub ids; `path_or_id#N` samples N rows.")
+    val_dataset: list = _f([], "Held-out evaluation data, same syntax as `dataset`.")
+    split_dataset_ratio: float = _f(0.0, "Fraction of `dataset` held out for evaluation when `val_dataset` is empty.")
+    max_length: int = _f(2048, "Maximum tokens per sample (and per packed sequence).")
+    truncation_strategy: str = _f("delete", "What to do with samples over max_length.", choices=("delete", "left", "right"))
+    packing: bool = _f(False, "Pack samples into sequences of max_length; attention never crosses samples.")
+    strict: bool = _f(True, "Stop at the first bad data row (true) or skip bad rows and report counts per reason (false).")
+    loss_on: str = _f("all_assistant", "Which assistant turns are trained.", choices=("all_assistant", "last_turn"))
+    model_name: list = _f([], "Self-cognition placeholder: the model's name (one or two spellings: Chinese, English).")
+    model_author: list = _f([], "Self-cognition placeholder: the model's author (one or two spellings).")
+    load_from_cache_file: bool = _f(True, "Reuse tokenised data cached from an earlier run with the same inputs.")
+    dataset_num_proc: int = _f(1, "Worker processes for tokenisation.")
+    num_workers: int = _f(1, "DataLoader worker processes.")
+    data_seed: int = _f(42, "Seed for dataset sampling and per-epoch shuffling.")
+
+
+@dataclass
+class LoraSection:
+    tuner_type: str = _f("lora", "Fine-tuning method. Only LoRA is offered.", choices=("lora",))
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r).")
+    lora_dtype: str = _f("float32", "Dtype of LoRA weights and their optimizer state.", choices=("float32", "bfloat16"))
+    target_modules: list = _f(["all-linear"], "Layers that get LoRA: all-linear, or names such as linear_qkv linear_proj linear_fc1 linear_fc2 in_proj out_proj router shared_expert_gate output_layer.")
+    target_regex: Optional[str] = _f(None, "Regex over module names; when set, matching modules get LoRA in addition to target_modules.")
+    exclude_modules: list = _f([], "Module names (or substrings) that never get LoRA.")
+    lora_per_projection: bool = _f(False, "Inside fused megatron layers (q/k/v, gate/up, GDN qkvz/ba) keep one adapter per HF projection, the exact form peft uses.")
+    adapters: Optional[str] = _f(None, "Start from an existing PEFT adapter folder.")
+
+
+@dataclass
+class ParallelSection:
+    tensor_model_parallel_size: int = _f(1, "Tensor-parallel degree (TP).")
+    sequence_parallel: bool = _f(False, "Shard activations along the sequence across TP ranks (SP); no effect when TP=1.")
+    expert_model_parallel_size: int = _f(1, "Expert-parallel degree (EP): routed experts are split across EP ranks.")
+    expert_tensor_parallel_size: int = _f(1, "Tensor parallelism inside experts. Only 1 is supported.")
+    pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel degree. Only 1 is supported.")
+    context_parallel_size: int = _f(1, "Context-parallel degree. Only 1 is supported.")
+    moe_token_dispatcher_type: str = _f("alltoall", "MoE token dispatcher.", choices=("alltoall", "allgather"))
+    distributed_backend: str = _f("auto", "torch.distributed backend: auto (nccl with CUDA, gloo without), nccl, gloo.",
+                                  choices=("auto", "nccl", "gloo"))
+
+
+@dataclass
+class TrainSection:
+    micro_batch_size: int = _f(1, "Samples (or packed sequences) per micro-batch per DP rank.")
+    global_batch_size: int = _f(8, "Samples per optimizer step, over all DP ranks and accumulation steps.")
+    train_iters: Optional[int] = _f(None, "Stop after this many optimizer steps (overrides max_epochs when set).")
+    max_epochs: int = _f(1, "Epochs over the training data.")
+    lr: float = _f(1e-4, "Peak learning rate.")
+    min_lr: float = _f(0.0, "Learning rate at the end of decay.")
+    lr_warmup_fraction: Optional[float] = _f(None, "Warmup as a fraction of all steps.")
+    lr_warmup_iters: int = _f(0, "Warmup steps (used when lr_warmup_fraction is unset).")
+    lr_decay_style: str = _f("cosine", "Decay after warmup.", choices=("cosine", "linear", "constant"))
+    weight_decay: float = _f(0.1, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.95, "AdamW beta2.")
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    clip_grad: float = _f(1.0, "Gradient clipping by global norm; 0 disables.")
+    seed: int = _f(42, "Random seed for LoRA initialisation and dropout.")
+    recompute_granularity: Optional[str] = _f(None, "Activation recomputation.", choices=(None, "full", "selective"))
+    recompute_method: Optional[str] = _f(None, "Which layers full recomputation covers.", choices=(None, "uniform", "block"))
+    recompute_num_layers: Optional[int] = _f(None, "Layers per recompute chunk (uniform) or recomputed layers (block).")
+    moe_aux_loss_coeff: float = _f(0.0, "Coefficient of the MoE load-balancing loss.")
+    finetune: bool = _f(True, "Start from the base weights (a new run), not a megatron checkpoint's iteration count.")
+    eval_interval: Optional[int] = _f(None, "Evaluate every N steps (and at the end) when eval data exists.")
+    eval_iters: int = _f(10, "Micro-batches per evaluation.")
+    log_interval: int = _f(1, "Log every N steps.")
+
+
+@dataclass
+class CheckpointSection:
+    save: str = _f("runs/demo", "Run folder: checkpoints, metrics and the resolved config go here.")
+    save_interval: Optional[int] = _f(None, "Save a checkpoint every N steps (and always at the end).")
+    save_total_limit: Optional[int] = _f(None, "Keep only the last K checkpoints.")
+    resume: Optional[str] = _f(None, "Resume from a checkpoint folder, or `latest` in the run folder.")
+    no_save_optim: bool = _f(False, "Do not save optimizer and scheduler state.")
+    no_save_rng: bool = _f(False, "Do not save RNG state.")
+
+
+@dataclass
+class LoggingSection:
+    report_to: str = _f("none", "Metrics backend besides the local JSONL file.", choices=("none", "wandb"))
+    wandb_project: str = _f("megalora", "wandb project.")
+    wandb_mode: str = _f("offline", "wandb mode.", choices=("online", "offline", "disabled"))
+    wandb_exp_name: Optional[str] = _f(None, "wandb run name (defaults to the run folder's name).")
+
+
+@dataclass
+class ExportSection:
+    merge_lora: bool = _f(False, "At the end of training also write the merged HF safetensors export.")
+    save_safetensors: bool = _f(True, "Write exports as safetensors (the only format offered).")
+    max_shard_size: str = _f("5GB", "Largest safetensors shard of an export.")
+    push_to_hub: Optional[str] = _f(None, "Hub repository id to push the export to.")
+    hub: str = _f("modelscope", "Hub to push to.", choices=("modelscope", "huggingface"))
+    hub_token: Optional[str] = _f(None, "Hub token (default: MODELSCOPE_API_TOKEN / HF_TOKEN from the environment). Never printed.")
+    hub_private: bool = _f(True, "Create the hub repository as private.")
+    commit_message: str = _f("Upload model trained with megalora", "Commit message of the push.")
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    export: ExportSection = field(default_factory=ExportSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+# Flags of ms-swift's Megatron CLI that mean nothing different here. Each is accepted by
+# name and reported, never silently dropped. The value says why.
+NOT_APPLICABLE = {
+    "load_safetensors": "weights are always read straight from the HF safetensors",
+    "use_mcore_models": "megatron-core models are always used",
+    "no_save_rng_state": "alias of no_save_rng",
+}
+# Flags that select a GPU fusion or kernel. Accepted; whether they apply is reported at
+# start-up by the model builder (on CPU none of them is available).
+GPU_FUSIONS = {
+    "moe_permute_fusion": False,
+    "moe_grouped_gemm": True,
+    "moe_shared_expert_overlap": False,
+    "cross_entropy_loss_fusion": False,
+    "attention_backend": "auto",
+    "bias_swiglu_fusion": False,
+    "gradient_accumulation_fusion": False,
+}
+
+
+@dataclass
+class Extras:
+    """Flags accepted for compatibility: reported, never silently ignored."""
+    not_applicable: dict = field(default_factory=dict)
+    gpu_fusions: dict = field(default_factory=dict)
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else _SECTION_TYPES[section.name]):
+            assert f.name not in index, f"duplicate config key {f.name}"
+            index[f.name] = (section.name, f)
+    return index
+
+
+_SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+FIELDS = _field_index()
+_HINTS = {s: typing.get_type_hints(t) for s, t in _SECTION_TYPES.items()}
+
+
+def _annotation(key: str):
+    section, _ = FIELDS[key]
+    return _HINTS[section][key]
+
+
+def _base_type(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Convert a YAML value or a CLI string to the field's type, or raise naming the key."""
+    tp, optional = _base_type(_annotation(key))
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and tp is not str):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: `{key}` may not be empty (expected {tp.__name__})")
+    if tp is list:
+        if isinstance(value, (list, tuple)):
+            return [str(v) if not isinstance(v, str) else v for v in value]
+        return [str(value)]
+    if isinstance(value, list):
+        if len(value) == 1:
+            value = value[0]
+        else:
+            raise ConfigError(f"{where}: `{key}` takes one value, got {len(value)}: {value}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: `{key}` expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: `{key}` expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: `{key}` expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: `{key}` expects a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: `{key}` expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: `{key}` expects a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unhandled type {tp} for {key}")
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    known = list(FIELDS) + list(NOT_APPLICABLE) + list(GPU_FUSIONS) + list(SECTIONS)
+    close = difflib.get_close_matches(key, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"{where}: unknown key `{key}`{hint}")
+
+
+class ConfigBuilder:
+    """Collects values from YAML and flags, then builds a validated `Config`."""
+
+    def __init__(self):
+        self.values: dict[str, Any] = {}
+        self.extras = Extras()
+
+    def set(self, key: str, value: Any, where: str) -> None:
+        key = key.replace("-", "_")
+        if key in NOT_APPLICABLE:
+            self.extras.not_applicable[key] = yaml.safe_load(value) if isinstance(value, str) else value
+            return
+        if key in GPU_FUSIONS:
+            default = GPU_FUSIONS[key]
+            if isinstance(default, bool):
+                value = _coerce_bool(key, value, where)
+            self.extras.gpu_fusions[key] = value
+            return
+        if key not in FIELDS:
+            raise _unknown(key, where)
+        self.values[key] = _coerce(key, value, where)
+
+    def update_yaml(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        for key, value in tree.items():
+            if key in SECTIONS and isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    if sub in FIELDS and FIELDS[sub][0] != key:
+                        raise ConfigError(f"{path}: key `{sub}` belongs in section `{FIELDS[sub][0]}`, not `{key}`")
+                    self.set(sub, sub_value, f"{path}: {key}.{sub}")
+            else:
+                self.set(key, value, f"{path}: {key}")
+
+    def update_flags(self, argv: list[str]) -> None:
+        """Apply `--key value [value ...]` pairs. A bare `--flag` means true."""
+        i = 0
+        while i < len(argv):
+            tok = argv[i]
+            if not tok.startswith("--"):
+                raise ConfigError(f"unexpected argument {tok!r}: flags are spelt --key value")
+            key = tok[2:]
+            if "=" in key:
+                key, value = key.split("=", 1)
+                values = [value]
+                i += 1
+            else:
+                values = []
+                i += 1
+                while i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2 and not _is_number(argv[i])):
+                    values.append(argv[i])
+                    i += 1
+            norm = key.replace("-", "_")
+            if not values:
+                values = ["true"]
+            if norm in FIELDS and _base_type(_annotation(norm))[0] is list:
+                self.set(norm, values, f"--{key}")
+            else:
+                self.set(norm, values if len(values) > 1 else values[0], f"--{key}")
+
+    def build(self) -> Config:
+        sections = {name: {} for name in SECTIONS}
+        for key, value in self.values.items():
+            sections[FIELDS[key][0]][key] = value
+        cfg = Config(**{name: _SECTION_TYPES[name](**kw) for name, kw in sections.items()})
+        check_choices(cfg)
+        check_static(cfg)
+        return cfg
+
+
+def _is_number(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def _coerce_bool(key, value, where):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    raise ConfigError(f"{where}: `{key}` expects true or false, got {value!r}")
+
+
+def check_choices(cfg: Config) -> None:
+    for key, (section, f) in FIELDS.items():
+        choices = f.metadata.get("choices")
+        value = getattr(getattr(cfg, section), key)
+        if choices is not None and value not in choices:
+            allowed = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"`{key}` must be one of {allowed}; got {value!r}")
+
+
+def check_static(cfg: Config) -> None:
+    """Checks that need no world size or model: positive sizes and unsupported modes."""
+    p, t, lora, d = cfg.parallel, cfg.train, cfg.lora, cfg.data
+    for key in ("tensor_model_parallel_size", "expert_model_parallel_size", "pipeline_model_parallel_size",
+                "context_parallel_size", "expert_tensor_parallel_size"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"`{key}` must be >= 1; got {getattr(p, key)}")
+    if p.pipeline_model_parallel_size > 1:
+        raise ConfigError(f"`pipeline_model_parallel_size`={p.pipeline_model_parallel_size}: pipeline parallelism is not "
+                          "supported yet; use tensor_model_parallel_size / expert_model_parallel_size")
+    if p.context_parallel_size > 1:
+        raise ConfigError(f"`context_parallel_size`={p.context_parallel_size}: context parallelism is not supported yet")
+    if p.expert_tensor_parallel_size != 1:
+        raise ConfigError(f"`expert_tensor_parallel_size`={p.expert_tensor_parallel_size}: only 1 is supported "
+                          "(experts are split by expert_model_parallel_size)")
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        warnings.warn("`sequence_parallel` has no effect with tensor_model_parallel_size=1; turning it off", stacklevel=2)
+        p.sequence_parallel = False
+    for key in ("micro_batch_size", "global_batch_size", "lora_rank", "max_length", "log_interval", "dataset_num_proc"):
+        section = FIELDS[key][0]
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"`{key}` must be >= 1; got {getattr(getattr(cfg, section), key)}")
+    if not 0.0 <= lora.lora_dropout < 1.0:
+        raise ConfigError(f"`lora_dropout` must be in [0, 1); got {lora.lora_dropout}")
+    if t.lr_warmup_fraction is not None and not 0.0 <= t.lr_warmup_fraction < 1.0:
+        raise ConfigError(f"`lr_warmup_fraction` must be in [0, 1); got {t.lr_warmup_fraction}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"`min_lr`={t.min_lr} is above `lr`={t.lr}")
+    if t.recompute_method is not None and t.recompute_granularity != "full":
+        raise ConfigError(f"`recompute_method`={t.recompute_method} needs recompute_granularity=full; "
+                          f"got recompute_granularity={t.recompute_granularity}")
+    if t.recompute_granularity == "full" and t.recompute_method is None:
+        t.recompute_method = "uniform"
+    if t.recompute_granularity == "full" and t.recompute_num_layers is None:
+        t.recompute_num_layers = 1
+    if not 0.0 <= d.split_dataset_ratio < 1.0:
+        raise ConfigError(f"`split_dataset_ratio` must be in [0, 1); got {d.split_dataset_ratio}")
+
+
+@dataclass
+class ModelShape:
+    """What layout validation needs to know of a model (read from its config.json)."""
+    num_experts: int = 0
+    num_attention_heads: int = 1
+    num_query_groups: int = 1
+    num_linear_key_heads: int = 0
+    num_linear_value_heads: int = 0
+    source: str = "model"
+
+
+def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = None) -> dict:
+    """Validate the parallel layout against the world size and the model. Returns the degrees."""
+    p, t = cfg.parallel, cfg.train
+    tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
+    if world_size % tp:
+        raise ConfigError(f"world size {world_size} is not divisible by `tensor_model_parallel_size`={tp}")
+    if world_size % ep:
+        raise ConfigError(f"world size {world_size} is not divisible by `expert_model_parallel_size`={ep}")
+    dp = world_size // tp
+    expert_dp = world_size // ep
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"`global_batch_size`={t.global_batch_size} is not a multiple of `micro_batch_size`="
+                          f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / TP {tp})")
+    if shape is not None:
+        if shape.num_experts and shape.num_experts % ep:
+            raise ConfigError(f"`expert_model_parallel_size`={ep} does not divide the {shape.num_experts} experts of "
+                              f"{shape.source}")
+        if not shape.num_experts and ep > 1:
+            raise ConfigError(f"`expert_model_parallel_size`={ep} but {shape.source} has no experts")
+        for what, n in (("attention heads", shape.num_attention_heads), ("query groups (key/value heads)", shape.num_query_groups),
+                        ("linear-attention key heads", shape.num_linear_key_heads),
+                        ("linear-attention value heads", shape.num_linear_value_heads)):
+            if n and n % tp:
+                raise ConfigError(f"`tensor_model_parallel_size`={tp} does not divide the {n} {what} of {shape.source}")
+    return {"world_size": world_size, "tp": tp, "ep": ep, "dp": dp, "expert_dp": expert_dp,
+            "grad_accum": t.global_batch_size // per_step}
+
+
+def load_config(yaml_path: str | Path | None = None, argv: list[str] | None = None) -> tuple[Config, Extras]:
+    builder = ConfigBuilder()
+    if yaml_path is not None:
+        builder.update_yaml(yaml_path)
+    builder.update_flags(list(argv or []))
+    return builder.build(), builder.extras
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(tree: dict) -> Config:
+    builder = ConfigBuilder()
+    for section, values in tree.items():
+        for key, value in values.items():
+            builder.set(key, value, f"{section}.{key}")
+    return builder.build()

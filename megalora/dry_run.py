@@ -1,0 +1,104 @@
+"""`megalora sft --dry-run`: resolve and validate everything a launch needs, train nothing.
+
+It prints the resolved config, the parallel layout (which global rank holds which
+TP/EP/DP coordinate and which experts), the compatibility flags and what happens to
+them, and the data summary, for the world size the launch would have. It never starts
+ranks itself.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from megalora.config import Config, ConfigError, Extras, ModelShape, check_layout
+
+SUPPORTED_ARCHITECTURES = ("qwen3_next", "qwen3_moe", "qwen3")
+
+
+def resolve_model_dir(cfg: Config, *, log=print) -> Path:
+    """The local folder of `model`: the embedded demo, a local folder, or a hub id."""
+    from megalora.demo import DEMO, ensure_demo_assets
+
+    if cfg.model.model == DEMO:
+        return ensure_demo_assets(log=log).model_dir
+    from megalora.hub import resolve_model
+
+    return Path(resolve_model(cfg.model.model, use_hf=cfg.model.use_hf))
+
+
+def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"`model`: {model_dir} has no config.json")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    arch = hf.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"{path}: model_type {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    shape = ModelShape(
+        num_experts=int(hf.get("num_experts") or 0),
+        num_attention_heads=int(hf["num_attention_heads"]),
+        num_query_groups=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+        num_linear_key_heads=int(hf.get("linear_num_key_heads") or 0),
+        num_linear_value_heads=int(hf.get("linear_num_value_heads") or 0),
+        source=f"{model_dir} ({arch})",
+    )
+    return hf, shape
+
+
+def describe_extras(extras: Extras, *, cuda: bool) -> list[str]:
+    lines = []
+    from megalora.config import NOT_APPLICABLE
+
+    for key, value in extras.not_applicable.items():
+        lines.append(f"--{key} {value}: not applicable ({NOT_APPLICABLE[key]})")
+    for key, value in extras.gpu_fusions.items():
+        if not cuda:
+            lines.append(f"--{key} {value}: unavailable without CUDA; the CPU path is used")
+        else:
+            lines.append(f"--{key} {value}: requested; the GPU fast path reports at model build whether it applies")
+    return lines
+
+
+def format_layout(rows: list[dict]) -> str:
+    out = ["rank  tp  ep  dp  expert_dp  experts"]
+    for r in rows:
+        experts = r["experts"]
+        span = f"{experts[0]}-{experts[-1]}" if len(experts) > 1 else (str(experts[0]) if experts else "-")
+        out.append(f"{r['rank']:>4}  {r['tp_rank']:>2}  {r['ep_rank']:>2}  {r['dp_rank']:>2}  {r['expert_dp_rank']:>9}  {span}")
+    return "\n".join(out)
+
+
+def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> int:
+    import torch
+
+    from megalora.parallel.groups import layout
+
+    def log(msg=""):
+        print(msg, file=out)
+
+    model_dir = resolve_model_dir(cfg, log=log)
+    _, shape = read_model_shape(model_dir)
+    degrees = check_layout(cfg, world_size=world_size, shape=shape)
+    log("resolved config:")
+    log(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    log("")
+    log(f"model: {model_dir}")
+    log(f"layout: world {world_size} = TP {degrees['tp']} x DP {degrees['dp']}; experts: EP {degrees['ep']} x "
+        f"expert-DP {degrees['expert_dp']}; sequence_parallel={cfg.parallel.sequence_parallel}; "
+        f"gradient accumulation {degrees['grad_accum']}")
+    log(format_layout(layout(world_size, tp=degrees["tp"], ep=degrees["ep"], num_experts=shape.num_experts)))
+    for line in describe_extras(extras, cuda=torch.cuda.is_available()):
+        log(line)
+    if cfg.data.dataset:
+        from megalora.data.entry import dry_run_summary
+
+        log("")
+        log(dry_run_summary(cfg, model_dir=model_dir))
+    log("dry run: ok (nothing was trained)")
+    return 0

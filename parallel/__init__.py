@@ -1,0 +1,1 @@
+"""megalora.parallel"""
