@@ -430,12 +430,6 @@ def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = Non
         raise ConfigError(f"world size {world_size} is not divisible by `tensor_model_parallel_size`={tp}")
     if world_size % ep:
         raise ConfigError(f"world size {world_size} is not divisible by `expert_model_parallel_size`={ep}")
-    dp = world_size // tp
-    expert_dp = world_size // ep
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"`global_batch_size`={t.global_batch_size} is not a multiple of `micro_batch_size`="
-                          f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / TP {tp})")
     if shape is not None:
         if shape.num_experts and shape.num_experts % ep:
             raise ConfigError(f"`expert_model_parallel_size`={ep} does not divide the {shape.num_experts} experts of "
@@ -447,6 +441,12 @@ def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = Non
                         ("linear-attention value heads", shape.num_linear_value_heads)):
             if n and n % tp:
                 raise ConfigError(f"`tensor_model_parallel_size`={tp} does not divide the {n} {what} of {shape.source}")
+    dp = world_size // tp
+    expert_dp = world_size // ep
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"`global_batch_size`={t.global_batch_size} is not a multiple of `micro_batch_size`="
+                          f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / TP {tp})")
     return {"world_size": world_size, "tp": tp, "ep": ep, "dp": dp, "expert_dp": expert_dp,
             "grad_accum": t.global_batch_size // per_step}
 

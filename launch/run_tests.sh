@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment with the test extra and run the whole test suite.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/setup_env.sh" test
+cd "$ROOT"
+exec python -m pytest -q -p no:cacheprovider "$@"
