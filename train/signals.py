@@ -1,0 +1,40 @@
+"""SIGTERM / SIGINT: finish the current step, save, exit cleanly.
+
+The handler only records the request; the loop asks `should_stop()` after each step,
+and all ranks agree (one rank's signal stops every rank at the same step).
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+
+class StopRequest:
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> "StopRequest":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            # A second Ctrl-C means now.
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def should_stop(self) -> bool:
+        flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int32)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
