@@ -19,14 +19,18 @@ SUPPORTED_ARCHITECTURES = ("qwen3_next", "qwen3_moe", "qwen3")
 
 
 def resolve_model_dir(cfg: Config, *, log=print) -> Path:
-    """The local folder of `model`: the embedded demo, a local folder, or a hub id."""
+    return resolve_model_dir_from_name(cfg.model.model, use_hf=cfg.model.use_hf, log=log)
+
+
+def resolve_model_dir_from_name(name: str, *, use_hf: bool = False, log=print) -> Path:
+    """The local folder of a model: the embedded demo, a local folder, or a hub id."""
     from megalora.demo import DEMO, ensure_demo_assets
 
-    if cfg.model.model == DEMO:
+    if name == DEMO:
         return ensure_demo_assets(log=log).model_dir
     from megalora.hub import resolve_model
 
-    return Path(resolve_model(cfg.model.model, use_hf=cfg.model.use_hf))
+    return Path(resolve_model(name, use_hf=use_hf))
 
 
 def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:

@@ -144,3 +144,56 @@ def make_tiny_checkpoint(
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **kwargs)
     return out
+
+
+def sample_tokens(vocab_size: int, *, batch: int = 2, seq_len: int = 16, seed: int = 0) -> torch.Tensor:
+    """Seeded token ids [batch, seq_len] below `vocab_size`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+
+
+Layout = tuple[int, int, bool]  # (tp, ep, sequence_parallel)
+
+
+def rank_forward(
+    rank: int,
+    world_size: int,
+    model_dirs: list[str],
+    layouts: list[Layout],
+) -> dict[Layout, dict[str, dict[str, Any]]]:
+    """Spawn target: for each (tp, ep, sequence_parallel) layout in turn, build every model
+    in `model_dirs` on this rank, run `sample_tokens`, and report the gathered logits
+    (rank 0 only), this rank's parameter element counts and the bytes it read from disk.
+    One world serves several layouts so tests pay the process start-up once."""
+    from megalora.parallel import groups
+    from megalora.train.model.build import build_model
+    from megalora.train.model.verify import megatron_logits
+
+    results: dict[Layout, dict[str, dict[str, Any]]] = {}
+    for tp, ep, sequence_parallel in layouts:
+        groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
+        per_model = {}
+        for model_dir in model_dirs:
+            model, info = build_model(model_dir, sequence_parallel=sequence_parallel)
+            logits = megatron_logits(model, info, sample_tokens(info.vocab_size))
+            assert info.load is not None
+            per_model[model_dir] = {
+                "logits": logits if rank == 0 else None,
+                "param_numel": {n: p.numel() for n, p in model.named_parameters()},
+                "bytes_read": info.load.bytes_read,
+                "tp_rank": info.where.tp_rank,
+                "ep_rank": info.where.ep_rank,
+            }
+        results[(tp, ep, sequence_parallel)] = per_model
+    return results
+
+
+def reference_logits(model_dir: str | Path) -> torch.Tensor:
+    """transformers' fp32 logits for `sample_tokens` on the checkpoint in `model_dir`."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    vocab_size = model.config.vocab_size
+    with torch.no_grad():
+        return model(sample_tokens(vocab_size)).logits

@@ -206,10 +206,13 @@ def _chunk_dense(
     chunk_decay = cum[..., -1].exp()[..., None, None]
 
     outs = []
-    for i in range(num_chunks):
-        u_i = u[:, :, i] - w[:, :, i] @ state
-        outs.append(q_decayed[:, :, i] @ state + intra[:, :, i] @ u_i)
-        state = state * chunk_decay[:, :, i] + k_decayed[:, :, i].transpose(-1, -2) @ u_i
+    # unbind, not t[:, :, i]: each indexing op's backward would write a full-size zero
+    # tensor per chunk (quadratic in length); unbind's backward stacks once.
+    per_chunk = zip(*(t.unbind(dim=2) for t in (u, w, q_decayed, intra, k_decayed, chunk_decay)))
+    for u_i, w_i, q_i, intra_i, k_i, decay_i in per_chunk:
+        u_i = u_i - w_i @ state
+        outs.append(q_i @ state + intra_i @ u_i)
+        state = state * decay_i + k_i.transpose(-1, -2) @ u_i
     if not outs:
         return v.new_zeros(batch, num_heads, 0, v_dim), state
     out = torch.stack(outs, dim=2).reshape(batch, num_heads, -1, v_dim)

@@ -1,0 +1,158 @@
+"""Row processing (parse, convert, validate, tokenise) over a pool of worker processes.
+
+Rows are cut into chunks processed in order (`imap`), so `dataset_num_proc=N` gives exactly
+the result of one process. Every row ends as kept or as skipped with one reason, so
+`kept + sum(skipped) == rows_read` always holds.
+"""
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from megalora.data.encode import EncodeSettings, Encoded, TemplatePrefixError, encode_conversation, end_markers
+from megalora.data.errors import BAD_ROW_REASONS, REASONS, DataError, Problem, RowProblem
+from megalora.data.formats import fill_placeholders, parse_json_line, to_conversation
+from megalora.data.readers import Row
+from megalora.data.validate import validate_conversation
+
+MAX_PROBLEMS_PER_REASON = 10
+
+
+@dataclass(frozen=True)
+class RowSettings:
+    """Everything that decides how a row becomes tokens (part of the cache key)."""
+    encode: EncodeSettings
+    model_name: tuple[str, ...] = ()
+    model_author: tuple[str, ...] = ()
+
+
+@dataclass
+class DataStats:
+    rows_read: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    truncated_left: int = 0
+    truncated_right: int = 0
+    num_tokens: int = 0
+    num_trained_tokens: int = 0
+
+    def check(self) -> None:
+        assert self.kept + sum(self.skipped.values()) == self.rows_read, self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataStats":
+        return cls(**d)
+
+
+@dataclass
+class Processed:
+    """Tokenised rows, flat: sample i is `input_ids[offsets[i]:offsets[i+1]]`."""
+    input_ids: np.ndarray
+    labels: np.ndarray
+    offsets: np.ndarray
+    source_index: np.ndarray  # which of `sources` each sample came from
+    line: np.ndarray  # its line (or row number) there
+    sources: list[str]
+    stats: DataStats
+    problems: list[Problem]  # in row order, at most MAX_PROBLEMS_PER_REASON per reason
+
+
+def process_row(row: Row, tokenizer, settings: RowSettings, *, markers: tuple[str, ...]) -> Encoded | Problem:
+    """One row to tokens and labels, or the Problem that drops it."""
+    import jinja2
+
+    where = f"{row.source}:{row.line}"
+    try:
+        obj = row.obj if row.obj is not None else parse_json_line(row.text)
+        conv = to_conversation(obj)
+        conv = fill_placeholders(conv, model_name=list(settings.model_name), model_author=list(settings.model_author), where=where)
+        conv = validate_conversation(conv)
+        try:
+            return encode_conversation(tokenizer, conv, settings.encode, markers=markers)
+        except jinja2.TemplateError as e:
+            raise RowProblem("template_error", "messages", str(e)) from None
+    except RowProblem as p:
+        return Problem(row.source, row.line, p.field, p.reason, p.detail)
+    except TemplatePrefixError as e:
+        raise TemplatePrefixError(f"{where}: {e}") from None
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise ValueError(f"{where}: {e}") from e
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, settings: RowSettings) -> None:
+    _WORKER.update(tokenizer=tokenizer, settings=settings, markers=end_markers(tokenizer))
+
+
+def _process_chunk(rows: list[Row]) -> list[Encoded | Problem]:
+    return [process_row(r, _WORKER["tokenizer"], _WORKER["settings"], markers=_WORKER["markers"]) for r in rows]
+
+
+def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, progress: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rows), desc="tokenising", unit="rows", disable=not progress, mininterval=2.0)
+    num_proc = max(1, min(num_proc, len(rows) // 64 or 1))
+    chunk = max(1, min(1000, len(rows) // (num_proc * 8) or 1))
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    try:
+        if num_proc == 1:
+            _init_worker(tokenizer, settings)
+            for c in chunks:
+                bar.update(len(c))
+                yield from _process_chunk(c)
+            return
+        methods = multiprocessing.get_all_start_methods()
+        # fork shares the loaded tokenizer at no cost; spawn (where fork is missing) pickles it.
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, settings)) as pool:
+            for out in pool.imap(_process_chunk, chunks):
+                bar.update(len(out))
+                yield from out
+    finally:
+        bar.close()
+
+
+def process_rows(rows: list[Row], tokenizer, settings: RowSettings, *, num_proc: int = 1, strict: bool = True,
+                 progress: bool = False) -> Processed:
+    """Process every row; strict mode raises DataError at the first bad row (in row order)."""
+    stats = DataStats(rows_read=len(rows))
+    sources: dict[str, int] = {}
+    ids, labels, src, lines, problems = [], [], [], [], []
+    per_reason: dict[str, int] = {}
+    for row, out in zip(rows, _results(rows, tokenizer, settings, num_proc, progress)):
+        if isinstance(out, Problem):
+            if strict and out.reason in BAD_ROW_REASONS:
+                raise DataError.from_problem(out)
+            stats.skipped[out.reason] = stats.skipped.get(out.reason, 0) + 1
+            per_reason[out.reason] = per_reason.get(out.reason, 0) + 1
+            if per_reason[out.reason] <= MAX_PROBLEMS_PER_REASON:
+                problems.append(out)
+            continue
+        stats.kept += 1
+        stats.num_tokens += len(out.input_ids)
+        stats.num_trained_tokens += int((out.labels != -100).sum())
+        stats.truncated_left += out.truncated == "left"
+        stats.truncated_right += out.truncated == "right"
+        ids.append(out.input_ids)
+        labels.append(out.labels)
+        src.append(sources.setdefault(row.source, len(sources)))
+        lines.append(row.line)
+    stats.skipped = {r: stats.skipped[r] for r in REASONS if r in stats.skipped}
+    stats.check()
+    lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
+    return Processed(
+        input_ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
+        labels=np.concatenate(labels) if labels else np.zeros(0, np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        source_index=np.asarray(src, dtype=np.int32), line=np.asarray(lines, dtype=np.int64),
+        sources=list(sources), stats=stats, problems=problems)

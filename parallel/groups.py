@@ -1,0 +1,146 @@
+"""Process groups: tensor (TP, with optional sequence parallel), expert (EP) and data (DP).
+
+``initialize`` brings up torch.distributed (if needed) and megatron-core's parallel state;
+``layout`` states, as a pure function, which rank lands where. Both use megatron's rank
+order ``tp-cp-ep-dp-pp`` with context and pipeline parallel fixed at 1 and expert tensor
+parallel fixed at 1:
+
+    dense grid   rank = tp_rank + tp * dp_rank
+    expert grid  rank = ep_rank + ep * expert_dp_rank
+
+so TP groups are runs of ``tp`` consecutive ranks and EP groups runs of ``ep`` ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_BACKENDS = ("auto", "gloo", "nccl")
+
+
+def _check_degrees(world_size: int, *, tp: int, ep: int) -> None:
+    if tp < 1 or ep < 1:
+        raise ValueError(
+            f"tensor_model_parallel_size={tp} and expert_model_parallel_size={ep} must be >= 1"
+        )
+    if world_size % tp:
+        raise ValueError(
+            f"tensor_model_parallel_size={tp} does not divide the world size {world_size}"
+        )
+    if world_size % ep:
+        raise ValueError(
+            f"expert_model_parallel_size={ep} does not divide the world size {world_size}"
+        )
+
+
+def layout(world_size: int, *, tp: int, ep: int, num_experts: int) -> list[dict[str, Any]]:
+    """Describe every global rank: its TP/DP/EP/expert-DP ranks and the experts it holds.
+
+    Each row has ``rank``, ``tp_rank``, ``dp_rank``, ``ep_rank``, ``expert_dp_rank`` and
+    ``experts`` (global expert ids, in local order: local expert ``i`` is ``experts[i]``).
+    ``num_experts=0`` describes a dense model (no experts anywhere).
+    """
+    _check_degrees(world_size, tp=tp, ep=ep)
+    if num_experts and num_experts % ep:
+        raise ValueError(
+            f"num_experts={num_experts} is not divisible by expert_model_parallel_size={ep}"
+        )
+    if not num_experts and ep > 1:
+        raise ValueError(f"expert_model_parallel_size={ep} needs a model with experts")
+    num_local = num_experts // ep
+    rows = []
+    for rank in range(world_size):
+        ep_rank = rank % ep
+        rows.append(
+            {
+                "rank": rank,
+                "tp_rank": rank % tp,
+                "dp_rank": rank // tp,
+                "ep_rank": ep_rank,
+                "expert_dp_rank": rank // ep,
+                "experts": list(range(ep_rank * num_local, (ep_rank + 1) * num_local)),
+            }
+        )
+    return rows
+
+
+def initialize(
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    sequence_parallel: bool = False,
+    backend: str = "auto",
+    seed: int = 1234,
+) -> dict[str, Any]:
+    """Initialise torch.distributed (if not yet) and megatron's model-parallel groups.
+
+    torch.distributed is started from ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``PORT``)
+    when set, else as a one-process world. ``backend="auto"`` picks nccl with CUDA, gloo
+    without. Pipeline and context parallel are 1, expert tensor parallel is 1. Megatron's
+    RNG tracker is seeded with ``seed`` (dropout and init draw from it).
+
+    Returns this rank's row of ``layout`` (without ``experts``), plus ``world_size``,
+    ``tp``, ``ep``, ``dp`` and ``sequence_parallel``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(_BACKENDS)}")
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel=true needs tensor_model_parallel_size > 1")
+    from megalora.parallel import cpu_runtime
+
+    cpu_runtime.install()
+    if not dist.is_initialized():
+        _init_default_group(backend)
+    world_size = dist.get_world_size()
+    _check_degrees(world_size, tp=tp, ep=ep)
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    rank = dist.get_rank()
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "tp": tp,
+        "ep": ep,
+        "dp": world_size // tp,
+        "sequence_parallel": sequence_parallel,
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "dp_rank": parallel_state.get_data_parallel_rank(),
+        "ep_rank": parallel_state.get_expert_model_parallel_rank(),
+        "expert_dp_rank": parallel_state.get_expert_data_parallel_rank(),
+    }
+
+
+def _init_default_group(backend: str) -> None:
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+        return
+    # A one-process world needs no rendezvous: an in-memory store avoids taking a port.
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group (each if present)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,215 @@
+"""Layout parity: megatron-core GPTModel with MoE under TP/SP/EP == one process.
+
+One seeded full state dict is built by a single-process run (spawned with world size 1,
+the oracle); each layout loads its ranks' slices (``shard_state_dict``), runs one
+forward/backward on the same batch split over DP, reduces gradients the way megatron's
+DDP and ``finalize_model_grads`` do (``megalora.parallel.grads``), and gathers them back
+to full shape (``gather_state_dicts``). Loss and every gradient must match the oracle
+to 1e-5 relative, with and without full recomputation, for the alltoall and allgather
+token dispatchers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megalora.parallel.multiprocess import spawn
+
+VOCAB, SEQ, BATCH = 128, 16, 2
+RTOL = 1e-5
+
+# (name, world size, tp, ep, sequence parallel, token dispatcher)
+LAYOUTS = [
+    ("tp2_ep2_sp_alltoall", 4, 2, 2, True, "alltoall"),
+    ("tp2_ep2_sp_allgather", 4, 2, 2, True, "allgather"),
+    ("tp2_sp", 2, 2, 1, True, "alltoall"),
+    ("ep2_alltoall", 2, 1, 2, False, "alltoall"),
+    ("ep2_allgather", 2, 1, 2, False, "allgather"),
+]
+RECOMPUTE = [False, True]
+
+
+def build_model(*, tp: int, ep: int, sp: bool, dispatcher: str, recompute: bool) -> Any:
+    """The tiny MoE GPT (4 experts, top-2, shared expert, RMSNorm, rotary), fp32, no dropout."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+    from megalora.train.layer_specs import local_gpt_spec
+
+    recompute_kwargs = (
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+        if recompute
+        else {}
+    )
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        ffn_hidden_size=128,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+        sequence_parallel=sp,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_intermediate_size=32,
+        moe_token_dispatcher_type=dispatcher,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        **recompute_kwargs,
+    )
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=local_gpt_spec(config, num_experts=4),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
+
+
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and next-token labels, [BATCH, SEQ] each."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def step(model: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Forward + backward of the mean token loss; returns the local loss."""
+    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    loss = model(tokens, position_ids, None, labels=labels).mean()
+    loss.backward()
+    return loss.detach()
+
+
+def reference_worker(rank: int, world_size: int) -> dict[str, Any]:
+    """Single process: seed, build, return the full state dict, loss and gradients."""
+    from megalora.parallel import groups
+
+    groups.initialize(seed=11)
+    torch.manual_seed(11)
+    model = build_model(tp=1, ep=1, sp=False, dispatcher="alltoall", recompute=False)
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    tokens, labels = make_batch()
+    loss = step(model, tokens, labels)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return {"state": state, "loss": loss.item(), "grads": grads}
+
+
+def layout_worker(
+    rank: int, world_size: int, full_sd: dict[str, torch.Tensor], cases: list[tuple]
+) -> dict[str, Any]:
+    """Run every (layout, recompute) case on this rank; return loss, local grads, row."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megalora.parallel import groups
+    from megalora.parallel.grads import (
+        allreduce_data_parallel_grads,
+        allreduce_sequence_parallel_grads,
+    )
+    from megalora.parallel.sharding import gpt_rules, shard_state_dict
+
+    out = {}
+    for name, tp, ep, sp, dispatcher, recompute in cases:
+        info = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=11)
+        model = build_model(tp=tp, ep=ep, sp=sp, dispatcher=dispatcher, recompute=recompute)
+        shard = shard_state_dict(
+            full_sd,
+            tp_rank=info["tp_rank"],
+            tp_size=tp,
+            ep_rank=info["ep_rank"],
+            ep_size=ep,
+            rules=gpt_rules(),
+        )
+        model.load_state_dict(shard, strict=True)
+        tokens, labels = make_batch()
+        dp_rank, dp = info["dp_rank"], info["dp"]
+        loss = step(model, tokens.chunk(dp)[dp_rank], labels.chunk(dp)[dp_rank])
+        allreduce_sequence_parallel_grads(model)
+        allreduce_data_parallel_grads(model)
+        dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        out[f"{name}_recompute{int(recompute)}"] = {
+            "loss": loss.item() / dp,
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]},
+        }
+    groups.destroy()
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def run_world(world_size: int, full_sd: dict[str, Any]) -> dict[str, Any]:
+    """All cases of one world size in one spawn; returns per case (loss, full grads)."""
+    from megalora.parallel.sharding import gather_state_dicts, gpt_rules
+
+    cases = [(*layout[:1], *layout[2:], rc) for layout in LAYOUTS if layout[1] == world_size
+             for rc in RECOMPUTE]
+    per_rank = spawn(layout_worker, world_size, args=(full_sd, cases), timeout=400)
+    results = {}
+    for case in cases:
+        name, tp, ep = case[0], case[1], case[2]
+        key = f"{name}_recompute{int(case[5])}"
+        rows = [r[key]["row"] for r in per_rank]
+        grads = gather_state_dicts(
+            [r[key]["grads"] for r in per_rank], ranks=rows, tp_size=tp, ep_size=ep,
+            rules=gpt_rules(),
+        )
+        results[key] = {"losses": [r[key]["loss"] for r in per_rank], "grads": grads}
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    """The single-process oracle (world size 1): full state dict, loss, gradients."""
+    return spawn(reference_worker, 1, timeout=300)[0]
+
+
+@pytest.fixture(scope="module")
+def worlds(reference: dict[str, Any]) -> Any:
+    """Per world size, the results of all its cases, computed once (one spawn each)."""
+    cache: dict[int, dict[str, Any]] = {}
+
+    def get(world_size: int) -> dict[str, Any]:
+        if world_size not in cache:
+            cache[world_size] = run_world(world_size, reference["state"])
+        return cache[world_size]
+
+    return get
+
+
+@pytest.mark.parametrize("recompute", RECOMPUTE, ids=["plain", "full_recompute"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_loss_and_grads_match_single_process(
+    layout: tuple, recompute: bool, reference: dict[str, Any], worlds: Any
+) -> None:
+    name, world_size = layout[0], layout[1]
+    result = worlds(world_size)[f"{name}_recompute{int(recompute)}"]
+    for rank, loss in enumerate(result["losses"]):
+        assert loss == pytest.approx(reference["loss"], rel=RTOL), f"rank {rank} loss"
+    assert set(result["grads"]) == set(reference["grads"])
+    for param, expected in reference["grads"].items():
+        got = result["grads"][param]
+        assert got.shape == expected.shape, param
+        assert expected.norm() > 0, f"{param}: the oracle gradient is zero"
+        assert _rel(got, expected) < RTOL, f"{param}: rel err {_rel(got, expected):.2e}"

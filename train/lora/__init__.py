@@ -1,0 +1,1 @@
+"""LoRA for megatron-core models: dense wrappers, routed-expert adapters, target selection."""

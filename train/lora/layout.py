@@ -1,0 +1,84 @@
+"""Which rank holds which slice of each LoRA tensor: a per-name plan and two pure functions.
+
+Kinds (the split follows the wrapped base layer):
+
+- `replicated`   whole tensor on every rank (column A, row B, router / gate adapters);
+- `column`       split along dim 0 over TP (column-parallel B, also the output layer's);
+- `glu_column`   dim 0 holds [gate; up]; each half split over TP, a rank holds [gate_r; up_r]
+                 (B of a gated `linear_fc1`, following its base weight);
+- `row`          split along dim 1 over TP (row-parallel A);
+- `expert`       stacked [E, ...] expert adapters, split along dim 0 over EP (expert TP is 1).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from megalora.train.lora.experts import LoraExperts
+from megalora.train.lora.gates import LoraGate
+from megalora.train.lora.layers import LoraLinear
+
+KINDS = ("replicated", "column", "glu_column", "row", "expert")
+
+
+def lora_layout(model: torch.nn.Module) -> dict[str, str]:
+    """Kind of every LoRA parameter of a model wrapped by `apply_lora`, keyed by its name."""
+    plan: dict[str, str] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoraLinear):
+            if module.parallel_mode == "column":
+                glu = name.endswith("linear_fc1") and module.base_layer.config.gated_linear_unit
+                plan[prefix + "lora_A"] = "replicated"
+                plan[prefix + "lora_B"] = "glu_column" if glu else "column"
+            else:
+                plan[prefix + "lora_A"] = "row"
+                plan[prefix + "lora_B"] = "replicated"
+        elif isinstance(module, LoraExperts):
+            for pname, _ in module.named_parameters(recurse=False):
+                plan[prefix + pname] = "expert"
+        elif isinstance(module, LoraGate):
+            plan[prefix + "lora_A"] = plan[prefix + "lora_B"] = "replicated"
+    return plan
+
+
+def _split(value: torch.Tensor, kind: str, *, tp_rank: int, tp_size: int, ep_rank: int, ep_size: int) -> torch.Tensor:
+    if kind == "replicated":
+        return value
+    if kind == "expert":
+        return value.chunk(ep_size, dim=0)[ep_rank]
+    if kind == "glu_column":
+        gate, up = value.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]])
+    return value.chunk(tp_size, dim=1 if kind == "row" else 0)[tp_rank]
+
+
+def shard_lora_state(full: Mapping[str, torch.Tensor], layout: Mapping[str, str], *, tp_rank: int,
+                     tp_size: int, ep_rank: int, ep_size: int) -> dict[str, torch.Tensor]:
+    """This rank's slices of a full LoRA state dict (names as in `layout`)."""
+    missing = sorted(set(layout) - set(full))
+    if missing:
+        raise ValueError(f"LoRA state dict lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    return {k: _split(full[k], layout[k], tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank,
+                      ep_size=ep_size).contiguous() for k in layout}
+
+
+def gather_lora_state(parts: Sequence[Mapping[str, torch.Tensor]], layout: Mapping[str, str], *,
+                      rows: Sequence[Mapping[str, int]], tp_size: int, ep_size: int) -> dict[str, torch.Tensor]:
+    """Join per-rank LoRA tensors back to full shape; `rows[i]` has rank i's tp_rank/ep_rank."""
+    by_tp = {row["tp_rank"]: part for row, part in zip(rows, parts)}
+    by_ep = {row["ep_rank"]: part for row, part in zip(rows, parts)}
+    assert sorted(by_tp) == list(range(tp_size)) and sorted(by_ep) == list(range(ep_size)), rows
+    full: dict[str, torch.Tensor] = {}
+    for key, kind in layout.items():
+        if kind == "replicated":
+            full[key] = parts[0][key]
+        elif kind == "expert":
+            full[key] = torch.cat([by_ep[e][key] for e in range(ep_size)], dim=0)
+        elif kind == "glu_column":
+            halves = [by_tp[t][key].chunk(2, dim=0) for t in range(tp_size)]
+            full[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        else:
+            full[key] = torch.cat([by_tp[t][key] for t in range(tp_size)], dim=1 if kind == "row" else 0)
+    return full

@@ -1,0 +1,190 @@
+"""Read each rank's slice of an HF safetensors checkpoint straight into a megatron model.
+
+Every tensor is read with `safe_open(...).get_slice`, only the rows/columns this rank
+owns (its TP shard, its EP experts), single-file or sharded (`model.safetensors.index.json`)
+checkpoints alike; the full model is never assembled on any rank.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from megalora.train.model.hf_config import HFModelSpec
+from megalora.train.model.mapping import Rule, Source, local_expert_name, rules_for, source_slices, vocab_rows
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of an HF folder, single-file or sharded."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.model_dir = Path(model_dir)
+        index = self.model_dir / INDEX_FILE
+        single = self.model_dir / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from err
+            self.files = {name: self.model_dir / fname for name, fname in weight_map.items()}
+        elif single.is_file():
+            with safe_open(str(single), "pt") as handle:
+                self.files = {name: single for name in handle.keys()}
+        else:
+            raise ValueError(f"{self.model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+        self.bytes_read = 0
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def _slice(self, name: str) -> Any:
+        path = self.files.get(name)
+        if path is None:
+            raise ValueError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+        if path not in self._handles:
+            self._handles[path] = self._stack.enter_context(self._safe_open(str(path), "pt"))
+        return self._handles[path].get_slice(name)
+
+    def shape(self, name: str) -> list[int]:
+        """Shape of tensor `name` on disk (reads only the header)."""
+        return list(self._slice(name).get_shape())
+
+    def read(self, name: str, *, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
+        """Read tensor `name`, or only indices [start, stop) along `dim`."""
+        handle = self._slice(name)
+        if dim is None:
+            tensor = handle[:]
+        else:
+            index = (slice(None),) * dim + (slice(start, stop),)
+            tensor = handle[index]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+@dataclass(frozen=True)
+class ParallelRank:
+    """Where this rank sits: tensor, expert and expert-tensor parallel coordinates."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
+
+    @classmethod
+    def from_megatron(cls) -> "ParallelRank":
+        """Read this process's coordinates from megatron's parallel state."""
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+        )
+
+
+@dataclass
+class LoadReport:
+    """What `load_hf_weights` did: parameters filled and bytes read from disk."""
+
+    loaded: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def _read_source(
+    reader: CheckpointReader, source: Source, *, rank: int, world: int, spec: HFModelSpec, padded_vocab_size: int
+) -> Tensor:
+    if source.vocab:
+        start, stop, pad = vocab_rows(
+            vocab_size=spec.vocab_size, padded_vocab_size=padded_vocab_size, rank=rank, world=world
+        )
+        rows = reader.read(source.name, dim=0, start=start, stop=stop)
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, *rows.shape[1:])], dim=0)
+        return rows
+    if source.dim is None:
+        return reader.read(source.name)
+    size = reader.shape(source.name)[source.dim]
+    pieces = [
+        reader.read(source.name, dim=source.dim, start=a, stop=b)
+        for a, b in source_slices(source, size=size, rank=rank, world=world)
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=source.dim)
+
+
+def _local_name(rule: Rule, where: ParallelRank, num_experts: int | None) -> str | None:
+    """This rank's parameter name for `rule`, or None if the rule's expert lives elsewhere."""
+    if rule.expert is None:
+        return rule.megatron
+    assert num_experts is not None
+    per_rank = num_experts // where.ep_size
+    first = where.ep_rank * per_rank
+    if not first <= rule.expert < first + per_rank:
+        return None
+    return local_expert_name(rule.megatron, first_expert=first)
+
+
+def load_hf_weights(
+    model: torch.nn.Module,
+    model_dir: str | Path,
+    spec: HFModelSpec,
+    *,
+    where: ParallelRank,
+    padded_vocab_size: int,
+) -> LoadReport:
+    """Fill every parameter of `model` (this rank's shard) from the HF folder `model_dir`.
+
+    Raises `ValueError` naming the tensor when the checkpoint lacks one or its shape does
+    not match the config; every model parameter must be covered by the mapping table."""
+    params = dict(model.named_parameters())
+    report = LoadReport()
+    with CheckpointReader(model_dir) as reader:
+        for rule in rules_for(spec):
+            name = _local_name(rule, where, spec.num_experts)
+            if name is None:
+                continue
+            rank, world = (where.etp_rank, where.etp_size) if rule.group == "etp" else (where.tp_rank, where.tp_size)
+            if rule.group is None:
+                rank, world = 0, 1
+            pieces = [
+                _read_source(reader, s, rank=rank, world=world, spec=spec, padded_vocab_size=padded_vocab_size)
+                for s in rule.sources
+            ]
+            tensor = rule.to_megatron(*pieces)
+            param = params.get(name)
+            assert param is not None, f"mapping names {name!r} but the model has no such parameter"
+            if tuple(tensor.shape) != tuple(param.shape):
+                names = ", ".join(s.name for s in rule.sources)
+                raise ValueError(
+                    f"{model_dir}: {names} give shape {tuple(tensor.shape)} for {name}, "
+                    f"expected {tuple(param.shape)} from config.json"
+                )
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+            report.loaded.append(name)
+        report.bytes_read = reader.bytes_read
+    missing = sorted(set(params) - set(report.loaded))
+    assert not missing, f"parameters not covered by the mapping table: {missing}"
+    return report

@@ -1,0 +1,144 @@
+"""`megalora verify`: the same tokens through transformers and through our megatron model.
+
+Works in every rank of a torchrun/spawn world: each rank builds its shard and runs the
+forward pass, TP logits are gathered, rank 0 loads the transformers model (plus the PEFT
+adapter, when given) and compares; every rank returns the same `VerifyResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_NUM_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Agreement between megatron and transformers logits over the real vocab."""
+
+    rel_l2: float
+    max_abs: float
+    argmax_agree: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        """Relative L2 within tolerance and the same argmax at every position."""
+        return self.rel_l2 <= self.tolerance and self.argmax_agree == 1.0
+
+    def summary(self) -> str:
+        """The line scripts read: `verify: rel_l2=... max_abs=... argmax_agree=... status=ok|FAIL`."""
+        status = "ok" if self.ok else "FAIL"
+        return (
+            f"verify: rel_l2={self.rel_l2:.3e} max_abs={self.max_abs:.3e} "
+            f"argmax_agree={self.argmax_agree:.4f} status={status}"
+        )
+
+
+def compare_logits(ours: Tensor, reference: Tensor, *, tolerance: float) -> VerifyResult:
+    """Compare two [batch, seq, vocab] logits tensors (computed in float64)."""
+    if ours.shape != reference.shape:
+        raise ValueError(f"logits shapes differ: megatron {tuple(ours.shape)} vs transformers {tuple(reference.shape)}")
+    a, b = ours.double(), reference.double()
+    rel = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+    max_abs = (a - b).abs().max().item()
+    agree = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    return VerifyResult(rel_l2=rel, max_abs=max_abs, argmax_agree=agree, tolerance=tolerance)
+
+
+def default_tokens(vocab_size: int, *, num_tokens: int = DEFAULT_NUM_TOKENS, seed: int = 0) -> Tensor:
+    """Deterministic pseudo-random token ids [1, num_tokens], the same on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, num_tokens), generator=generator)
+
+
+def megatron_logits(model: torch.nn.Module, info: Any, tokens: Tensor) -> Tensor:
+    """Forward `tokens` [batch, seq] through this rank's shard; returns the full logits
+    [batch, seq, vocab] (TP-gathered, padding columns dropped) on every rank."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    tp = info.where.tp_size
+    if info.sequence_parallel and tokens.shape[1] % tp:
+        raise ValueError(f"sequence parallel needs a token count divisible by TP={tp}, got {tokens.shape[1]}")
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, positions, None)
+        if tp > 1:
+            logits = gather_from_tensor_model_parallel_region(logits.contiguous())
+    return logits[..., : info.vocab_size].float()
+
+
+def transformers_logits(
+    model_dir: str | Path,
+    tokens: Tensor,
+    *,
+    num_layers: int | None = None,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Reference logits from transformers (with a PEFT adapter when given); `num_layers`
+    keeps only the first decoder layers, as `build_model` does."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = list(config.layer_types)[:num_layers]
+        if getattr(config, "mlp_only_layers", None):
+            config.mlp_only_layers = [i for i in config.mlp_only_layers if i < num_layers]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    if adapter is not None:
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def run_verify(
+    model_dir: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    num_layers: int | None = None,
+    tokens: Tensor | None = None,
+    tp: int = 1,
+    ep: int = 1,
+    sequence_parallel: bool = False,
+    tolerance: float = 1e-4,
+    dtype: torch.dtype = torch.float32,
+    apply_adapter: Callable[[torch.nn.Module, Any, str | Path], None] | None = None,
+) -> VerifyResult:
+    """Build megatron (TP=`tp`, EP=`ep`) and transformers models from `model_dir`, run the
+    same tokens through both, and compare logits. Call it on every rank of the world
+    (or in a single process). `apply_adapter(model, info, adapter)` loads a PEFT adapter
+    into our LoRA modules; it is needed when `adapter` is given."""
+    from megalora.parallel import groups
+    from megalora.train.model.build import build_model
+
+    if adapter is not None and apply_adapter is None:
+        raise ValueError("adapter given but no apply_adapter function to load it into the megatron model")
+    groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
+    model, info = build_model(model_dir, dtype=dtype, num_layers=num_layers, sequence_parallel=sequence_parallel)
+    if adapter is not None:
+        assert apply_adapter is not None
+        apply_adapter(model, info, adapter)
+    if tokens is None:
+        tokens = default_tokens(info.vocab_size)
+    ours = megatron_logits(model, info, tokens)
+    result: list[VerifyResult | None] = [None]
+    if dist.get_rank() == 0:
+        reference = transformers_logits(model_dir, tokens, num_layers=num_layers, adapter=adapter, dtype=dtype)
+        result[0] = compare_logits(ours, reference, tolerance=tolerance)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    assert result[0] is not None
+    return result[0]

@@ -1,0 +1,63 @@
+"""`megalora verify`: megatron (with an adapter in our LoRA modules) vs transformers (with the
+adapter loaded by peft) on the same tokens, on any layout.
+
+Runs as one process or under `torchrun --nproc_per_node N -m megalora verify ...`. Ends with
+one line a script can read and exits non-zero on FAIL:
+    verify: rel_l2=<float> max_abs=<float> argmax_agree=<fraction> status=ok|FAIL
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megalora verify", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="HF model folder or hub id (`demo`: the embedded tiny model)")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder to load on both sides")
+    p.add_argument("--layers", type=int, default=None, help="check only the first N decoder layers")
+    p.add_argument("--tensor_model_parallel_size", type=int, default=1)
+    p.add_argument("--expert_model_parallel_size", type=int, default=1)
+    p.add_argument("--sequence_parallel", type=_bool, default=False)
+    p.add_argument("--use_hf", type=_bool, default=False, help="resolve hub ids through the Hugging Face hub")
+    p.add_argument("--seq_length", type=int, default=64, help="tokens per sample")
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative L2 error that passes")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def cmd_verify(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from megalora.config import ConfigError
+
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp or world % ep:
+        raise ConfigError(f"world size {world} is not divisible by `tensor_model_parallel_size`={tp} and "
+                          f"`expert_model_parallel_size`={ep}")
+    sequence_parallel = args.sequence_parallel and tp > 1
+    from megalora.dry_run import resolve_model_dir_from_name
+    from megalora.parallel import groups
+    from megalora.train.model.verify import run_verify
+
+    model_dir = resolve_model_dir_from_name(args.model, use_hf=args.use_hf)
+    groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
+    try:
+        result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, tp=tp, ep=ep,
+                            sequence_parallel=sequence_parallel, tolerance=args.tolerance,
+                            seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed)
+    finally:
+        groups.destroy()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(result.summary_line(), flush=True)
+    return 0 if result.ok else 1
