@@ -13,6 +13,7 @@ import os
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
@@ -72,14 +73,11 @@ def _child(
 
 
 def _teardown(dist: Any) -> None:
-    """Destroy megatron's groups (if any) and the default group."""
-    try:
-        from megatron.core import parallel_state
-
+    """Destroy megatron's groups (if megatron was used) and the default group."""
+    if "megatron.core.parallel_state" in sys.modules:
+        parallel_state = sys.modules["megatron.core.parallel_state"]
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
-    except ImportError:
-        pass
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -5,10 +5,13 @@ Order (call after backward, before the optimizer step; use these OR megatron's D
 
 1. `allreduce_lora_grads`: SUM over TP for replicated halves that saw only a sequence-parallel
    token shard (`lora_tp_allreduce`).
-2. data parallel: dense adapters SUM over the data-parallel group, expert adapters under expert
-   parallelism (`allreduce` False) SUM over the expert-data-parallel group; both then divide by
-   the data-parallel size, as megatron's DDP scales expert and dense gradients alike (an expert
-   rank already holds the contributions of every DP rank in its EP group).
+2. data parallel: dense adapters SUM over the data-parallel group, routed-expert adapters
+   (`lora_expert`) SUM over the expert-data-parallel group; both then divide by the
+   data-parallel size, as megatron's DDP scales expert and dense gradients alike (an expert
+   rank already holds the contributions of every DP rank in its EP group). Expert adapters
+   are chosen by their own mark, not by megatron's `allreduce` flag (set only when EP > 1):
+   with expert-TP 1 < TP the experts are replicated over TP ranks that each route their own
+   sequence-parallel tokens, so the expert-data-parallel sum is needed at EP = 1 too.
 """
 from __future__ import annotations
 
@@ -60,8 +63,8 @@ def reduce_lora_grads(model: torch.nn.Module) -> None:
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = dp_group.size()
     params = [p for _, p in lora_parameters(model)]
-    dense = [p for p in params if getattr(p, "allreduce", True)]
-    expert = [p for p in params if not getattr(p, "allreduce", True)]
+    dense = [p for p in params if not getattr(p, "lora_expert", False)]
+    expert = [p for p in params if getattr(p, "lora_expert", False)]
     _all_reduce_grads(dense, dp_group, divide_by=dp_size)
     if expert:
         _all_reduce_grads(expert, parallel_state.get_expert_data_parallel_group(), divide_by=dp_size)
