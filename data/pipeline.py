@@ -106,10 +106,10 @@ def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, p
     chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     try:
         if num_proc == 1:
-            _init_worker(tokenizer, settings)
+            markers = end_markers(tokenizer)  # no module state here: builds in threads stay independent
             for c in chunks:
                 bar.update(len(c))
-                yield from _process_chunk(c)
+                yield from (process_row(r, tokenizer, settings, markers=markers) for r in c)
             return
         methods = multiprocessing.get_all_start_methods()
         # fork shares the loaded tokenizer at no cost; spawn (where fork is missing) pickles it.
@@ -122,37 +122,59 @@ def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, p
         bar.close()
 
 
-def process_rows(rows: list[Row], tokenizer, settings: RowSettings, *, num_proc: int = 1, strict: bool = True,
-                 progress: bool = False) -> Processed:
-    """Process every row; strict mode raises DataError at the first bad row (in row order)."""
-    stats = DataStats(rows_read=len(rows))
-    sources: dict[str, int] = {}
-    ids, labels, src, lines, problems = [], [], [], [], []
-    per_reason: dict[str, int] = {}
-    for row, out in zip(rows, _results(rows, tokenizer, settings, num_proc, progress)):
+class _Collector:
+    """Accumulates processed rows in row order."""
+
+    def __init__(self, num_rows: int, *, strict: bool):
+        self.strict = strict
+        self.stats = DataStats(rows_read=num_rows)
+        self.sources: dict[str, int] = {}
+        self.ids: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.src: list[int] = []
+        self.lines: list[int] = []
+        self.problems: list[Problem] = []
+
+    def add(self, row: Row, out: Encoded | Problem) -> None:
+        stats = self.stats
         if isinstance(out, Problem):
-            if strict and out.reason in BAD_ROW_REASONS:
+            if self.strict and out.reason in BAD_ROW_REASONS:
                 raise DataError.from_problem(out)
             stats.skipped[out.reason] = stats.skipped.get(out.reason, 0) + 1
-            per_reason[out.reason] = per_reason.get(out.reason, 0) + 1
-            if per_reason[out.reason] <= MAX_PROBLEMS_PER_REASON:
-                problems.append(out)
-            continue
+            if stats.skipped[out.reason] <= MAX_PROBLEMS_PER_REASON:
+                self.problems.append(out)
+            return
         stats.kept += 1
         stats.num_tokens += len(out.input_ids)
         stats.num_trained_tokens += int((out.labels != -100).sum())
         stats.truncated_left += out.truncated == "left"
         stats.truncated_right += out.truncated == "right"
-        ids.append(out.input_ids)
-        labels.append(out.labels)
-        src.append(sources.setdefault(row.source, len(sources)))
-        lines.append(row.line)
-    stats.skipped = {r: stats.skipped[r] for r in REASONS if r in stats.skipped}
-    stats.check()
-    lengths = np.asarray([len(x) for x in ids], dtype=np.int64)
-    return Processed(
-        input_ids=np.concatenate(ids) if ids else np.zeros(0, np.int32),
-        labels=np.concatenate(labels) if labels else np.zeros(0, np.int32),
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        source_index=np.asarray(src, dtype=np.int32), line=np.asarray(lines, dtype=np.int64),
-        sources=list(sources), stats=stats, problems=problems)
+        self.ids.append(out.input_ids)
+        self.labels.append(out.labels)
+        self.src.append(self.sources.setdefault(row.source, len(self.sources)))
+        self.lines.append(row.line)
+
+    def result(self) -> Processed:
+        stats = self.stats
+        stats.skipped = {r: stats.skipped[r] for r in REASONS if r in stats.skipped}
+        stats.check()
+        lengths = np.asarray([len(x) for x in self.ids], dtype=np.int64)
+        return Processed(
+            input_ids=np.concatenate(self.ids) if self.ids else np.zeros(0, np.int32),
+            labels=np.concatenate(self.labels) if self.labels else np.zeros(0, np.int32),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            source_index=np.asarray(self.src, dtype=np.int32), line=np.asarray(self.lines, dtype=np.int64),
+            sources=list(self.sources), stats=stats, problems=self.problems)
+
+
+def process_rows(rows: list[Row], tokenizer, settings: RowSettings, *, num_proc: int = 1, strict: bool = True,
+                 progress: bool = False) -> Processed:
+    """Process every row; strict mode raises DataError at the first bad row (in row order)."""
+    collector = _Collector(len(rows), strict=strict)
+    results = _results(rows, tokenizer, settings, num_proc, progress)
+    try:
+        for row, out in zip(rows, results):
+            collector.add(row, out)
+    finally:
+        results.close()  # stops the worker pool at once when strict mode raises
+    return collector.result()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megalora.data.hub_datasets import DEFAULT_TIMEOUT_S, load_hub_dataset
+from megalora.data.hub_datasets import DEFAULT_TIMEOUT_S, HubDatasetError, load_hub_dataset
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 _DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -90,7 +90,11 @@ def read_source(target: str, *, use_hf: bool = False, hub_timeout: float = DEFAU
     if target.startswith(("/", "./", "../", "~")) or target.endswith(JSONL_SUFFIXES) or not _HUB_ID.match(target):
         raise ValueError(f"dataset `{target}` not found: no such file or folder (a hub id looks like `owner/name`)")
     source = f"{'hf' if use_hf else 'modelscope'}:{target}"
-    return [Row(source, i + 1, obj=row) for i, row in enumerate(load_hub_dataset(target, use_hf=use_hf, timeout=hub_timeout))]
+    try:
+        table = load_hub_dataset(target, use_hf=use_hf, timeout=hub_timeout)
+    except HubDatasetError as e:
+        raise HubDatasetError(f"{e} (no local file or folder `{target}` exists either)") from None
+    return [Row(source, i + 1, obj=row) for i, row in enumerate(table)]
 
 
 def sample_indices(num_rows: int, count: int, *, seed: int | list[int]) -> np.ndarray:

@@ -122,8 +122,10 @@ class BatchLoader:
 
 def make_batches(dataset, *, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, packing: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int = 1, seed: int = 42, epoch: int = 0,
-                 pad_token_id: int = 0, num_workers: int = 0) -> BatchLoader:
-    """This DP rank's micro-batch iterator over `dataset` (endless; `batches_per_epoch` per epoch)."""
+                 pad_token_id: int = 0, num_workers: int = 0, shuffle: bool = True) -> BatchLoader:
+    """This DP rank's micro-batch iterator over `dataset` (endless; `batches_per_epoch` per epoch).
+
+    `pad_token_id` is the tokenizer's pad id; `shuffle=False` keeps the dataset order (evaluation)."""
     return BatchLoader(dataset, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, packing=packing,
                        max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, seed=seed, epoch=epoch,
-                       pad_token_id=pad_token_id, num_workers=num_workers)
+                       pad_token_id=pad_token_id, num_workers=num_workers, shuffle=shuffle)

@@ -11,6 +11,7 @@ import json
 from megalora.data.errors import RowProblem
 
 ROLES = ("system", "user", "assistant", "tool")
+_OWN_KEYS = ("role", "content", "tool_calls", "loss")
 
 
 def _tool_call(call, field: str) -> dict:
@@ -77,7 +78,10 @@ def validate_conversation(conv: dict) -> dict:
         loss = m.get("loss")
         if loss is not None and not isinstance(loss, bool):
             raise RowProblem("malformed_loss", f"{field}.loss", f"expected true or false, got {loss!r}")
-        clean = {"role": role, "content": content}
+        # Other keys (reasoning_content, name, ...) reach the template; empty ones (None, as a `datasets`
+        # table fills in for keys other rows have) do not.
+        clean = {k: v for k, v in m.items() if k not in _OWN_KEYS and v is not None}
+        clean.update(role=role, content=content)
         if calls:
             clean["tool_calls"] = [_tool_call(c, f"{field}.tool_calls[{j}]") for j, c in enumerate(calls)]
         if loss is not None:

@@ -78,6 +78,28 @@ def format_layout(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def data_summary(cfg: Config, *, model_dir: Path, log=print) -> str:
+    """Read, validate and tokenise the data exactly as training would; counts and one sample."""
+    from transformers import AutoTokenizer
+
+    from megalora.data.dataset import build_datasets
+    from megalora.data.summary import summarize
+    from megalora.demo import DEMO, ensure_demo_assets
+    from megalora.train.recipe import data_cache_dir
+
+    if DEMO in cfg.data.dataset or DEMO in cfg.data.val_dataset:
+        data_file = str(ensure_demo_assets(log=log).data_file)
+        cfg.data.dataset = [data_file if d == DEMO else d for d in cfg.data.dataset]
+        cfg.data.val_dataset = [data_file if d == DEMO else d for d in cfg.data.val_dataset]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, val = build_datasets(cfg.data, tokenizer, cache_dir=data_cache_dir(), rank=0, log=log,
+                                use_hf=cfg.model.use_hf, barrier=lambda: None)
+    parts = [summarize(train, tokenizer=tokenizer, max_length=cfg.data.max_length, packing=cfg.data.packing)]
+    if val is not None:
+        parts.append(summarize(val, max_length=cfg.data.max_length, packing=cfg.data.packing))
+    return "\n".join(parts)
+
+
 def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> int:
     import torch
 
@@ -100,9 +122,7 @@ def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> 
     for line in describe_extras(extras, cuda=torch.cuda.is_available()):
         log(line)
     if cfg.data.dataset:
-        from megalora.data.entry import dry_run_summary
-
         log("")
-        log(dry_run_summary(cfg, model_dir=model_dir))
+        log(data_summary(cfg, model_dir=model_dir, log=log))
     log("dry run: ok (nothing was trained)")
     return 0

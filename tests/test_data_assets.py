@@ -57,3 +57,13 @@ def test_demo_chats(tmp_path):
     with_calls = sum(any("tool_calls" in m for m in c["messages"]) for c in convs)
     with_results = sum(any(m["role"] == "tool" for m in c["messages"]) for c in convs)
     assert with_calls >= 20 and with_results >= 20
+
+
+def test_data_package_does_not_import_megatron():
+    import subprocess
+    import sys
+
+    code = ("import sys, megalora.data, megalora.data.sampler, megalora.data.dataset; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'transformer_engine')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"

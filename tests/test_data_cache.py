@@ -48,6 +48,12 @@ def test_two_workers_equal_one(tok, data_file):
     two = _build(tok, data_file, dataset_num_proc=2)
     _same(one, two)
     assert one.stats.skipped == {"invalid_json": 1, "no_assistant_turn": 1} and one.stats.kept == 148
+    errors = []
+    for num_proc in (1, 2):
+        with pytest.raises(DataError) as e:
+            _build(tok, data_file, dataset_num_proc=num_proc, strict=True)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and errors[0].startswith(f"{data_file}:8: ")
 
 
 def test_cache_hit_and_misses(tok, data_file, tmp_path):

@@ -117,6 +117,8 @@ def test_sampler_ranks_disjoint_union_is_the_epoch(num_items, dp, mbs):
         if num_items % (dp * mbs) == 0:
             assert sorted(union) == list(range(num_items))
     assert samplers[0].epoch_order(0).tolist() != samplers[0].epoch_order(1).tolist()
+    fixed = EpochSampler(num_items, micro_batch_size=mbs, dp_rank=0, dp_size=dp, seed=11, shuffle=False)
+    assert fixed.epoch_order(3).tolist() == list(range(num_items))
     # A global step holds the same items whether it is split over DP ranks or micro-batches.
     single = EpochSampler(num_items, micro_batch_size=dp * mbs, dp_rank=0, dp_size=1, seed=11)
     for k, step in enumerate(single.micro_batches(2)):

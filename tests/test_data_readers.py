@@ -92,5 +92,5 @@ def test_hub_offline_error_names_the_id(monkeypatch, use_hf):
     msg = str(e.value)
     assert "`someone/no-such-set`" in msg and ("Hugging Face" if use_hf else "ModelScope") in msg
     assert "local path" in msg
-    with pytest.raises(ValueError, match="someone/no-such-set"):
+    with pytest.raises(ValueError, match="someone/no-such-set.*no local file or folder"):
         read_datasets(["someone/no-such-set#5"], seed=0, use_hf=use_hf, hub_timeout=3)

@@ -128,3 +128,17 @@ def test_self_cognition_placeholders(tok, tmp_path):
     assert tok.decode([t for t in one[0][1].tolist() if t != IGNORE_INDEX]) == "我是Coda,由CT训练。<|im_end|>"
     with pytest.raises(ValueError, match="self.jsonl:1: .*set `model_name`"):
         _build(tok, path)
+
+
+def test_normalised_messages_keep_extra_keys_and_drop_empty_ones():
+    from megalora.data.validate import validate_conversation
+
+    conv = validate_conversation({"messages": [
+        {"role": "user", "content": "q", "name": "bob", "tool_calls": None, "loss": None},
+        {"role": "assistant", "content": None, "reasoning_content": "think", "weight": None,
+         "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}]}]})
+    assert conv["messages"] == [
+        {"role": "user", "content": "q", "name": "bob"},
+        {"role": "assistant", "content": "", "reasoning_content": "think",
+         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]
+    assert conv["tools"] is None

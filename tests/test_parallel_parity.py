@@ -113,6 +113,27 @@ def reference_worker(rank: int, world_size: int) -> dict[str, Any]:
     return {"state": state, "loss": loss.item(), "grads": grads}
 
 
+def _megatron_placement(model: Any) -> dict[str, Any]:
+    """Where megatron itself put this rank: its ranks, group members and experts."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def members(group: Any) -> list[int]:
+        return dist.get_process_group_ranks(group)
+
+    return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(),
+        "expert_dp_rank": ps.get_expert_data_parallel_rank(),
+        "experts": list(model.decoder.layers[0].mlp.local_expert_indices),
+        "tp_group": members(ps.get_tensor_model_parallel_group()),
+        "dp_group": members(ps.get_data_parallel_group()),
+        "ep_group": members(ps.get_expert_model_parallel_group()),
+        "expert_dp_group": members(ps.get_expert_data_parallel_group()),
+    }
+
+
 def layout_worker(
     rank: int, world_size: int, full_sd: dict[str, torch.Tensor], cases: list[tuple]
 ) -> dict[str, Any]:
@@ -150,6 +171,7 @@ def layout_worker(
             "loss": loss.item() / dp,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
             "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]},
+            "megatron": _megatron_placement(model),
         }
     groups.destroy()
     return out
@@ -175,7 +197,11 @@ def run_world(world_size: int, full_sd: dict[str, Any]) -> dict[str, Any]:
             [r[key]["grads"] for r in per_rank], ranks=rows, tp_size=tp, ep_size=ep,
             rules=gpt_rules(),
         )
-        results[key] = {"losses": [r[key]["loss"] for r in per_rank], "grads": grads}
+        results[key] = {
+            "losses": [r[key]["loss"] for r in per_rank],
+            "grads": grads,
+            "placement": [r[key]["megatron"] for r in per_rank],
+        }
     return results
 
 
@@ -213,3 +239,24 @@ def test_loss_and_grads_match_single_process(
         assert got.shape == expected.shape, param
         assert expected.norm() > 0, f"{param}: the oracle gradient is zero"
         assert _rel(got, expected) < RTOL, f"{param}: rel err {_rel(got, expected):.2e}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+def test_layout_table_matches_megatron_groups(layout: tuple, worlds: Any) -> None:
+    from megalora.parallel.groups import layout as layout_table
+
+    name, world_size, tp, ep = layout[:4]
+    rows = layout_table(world_size, tp=tp, ep=ep, num_experts=4)
+    result = worlds(world_size)[f"{name}_recompute0"]
+    for row, placed in zip(rows, result["placement"]):
+        for key in ("tp_rank", "dp_rank", "ep_rank", "expert_dp_rank", "experts"):
+            assert row[key] == placed[key], (row["rank"], key)
+
+        def same(key: str) -> list[int]:
+            return [r["rank"] for r in rows if r[key] == row[key]]
+
+        # the groups are the ranks that share the other coordinate
+        assert placed["tp_group"] == same("dp_rank")
+        assert placed["dp_group"] == same("tp_rank")
+        assert placed["ep_group"] == same("expert_dp_rank")
+        assert placed["expert_dp_group"] == same("ep_rank")

@@ -197,3 +197,27 @@ def reference_logits(model_dir: str | Path) -> torch.Tensor:
     vocab_size = model.config.vocab_size
     with torch.no_grad():
         return model(sample_tokens(vocab_size)).logits
+
+
+def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, perturb: str) -> dict[str, Any]:
+    """Spawn target: `run_verify` with TP=`world_size` and sequence parallel on the first
+    `num_layers` layers; then the same check after adding noise to parameter `perturb`
+    of the loaded megatron model (on every rank, so every shard of it changes)."""
+    from megalora.train.model.build import build_model
+    from megalora.train.model.verify import compare_logits, megatron_logits, run_verify, transformers_logits
+
+    clean = run_verify(model_dir, num_layers=num_layers, tp=world_size, sequence_parallel=True)
+    model, info = build_model(model_dir, num_layers=num_layers, sequence_parallel=True)
+    params = dict(model.named_parameters())
+    if perturb not in params:
+        raise ValueError(f"no parameter {perturb!r}; have {sorted(params)}")
+    with torch.no_grad():
+        params[perturb].add_(0.05 * torch.randn(params[perturb].shape, generator=torch.Generator().manual_seed(rank)))
+    from megalora.train.model.verify import default_tokens
+
+    tokens = default_tokens(info.vocab_size)
+    ours = megatron_logits(model, info, tokens)
+    perturbed = None
+    if rank == 0:
+        perturbed = compare_logits(ours, transformers_logits(model_dir, tokens, num_layers=num_layers), tolerance=1e-4)
+    return {"clean": clean, "perturbed": perturbed}

@@ -1,0 +1,144 @@
+"""Training checkpoints that resume exactly, on the same or a different parallel layout.
+
+LoRA weights and AdamW moments are stored at full (unsharded) shape, gathered with the
+LoRA layout plan, so any layout can shard them again on resume. RNG states are stored
+per rank and restored only when the layout is the same (they mean nothing elsewhere).
+
+    checkpoint-<step>/
+      adapter_model.safetensors   full-shape LoRA tensors, megatron names
+      optimizer.safetensors       exp_avg.<name>, exp_avg_sq.<name> (unless no_save_optim)
+      rng/rank-<r>.pt             torch / numpy / python RNG (unless no_save_rng)
+      meta.json                   step, schedule, data loader position, layout, base model, config
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from megalora.train.lora.layout import gather_lora_state, shard_lora_state
+from megalora.train.run_dir import commit_checkpoint, tmp_checkpoint_dir, write_json
+
+FORMAT_VERSION = 1
+
+
+def _coords() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
+            "tp_size": ps.get_tensor_model_parallel_world_size(), "ep_size": ps.get_expert_model_parallel_world_size()}
+
+
+def _gather_full(local: dict[str, torch.Tensor], layout: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """Full-shape tensors on rank 0 (None elsewhere) from every rank's shards."""
+    coords = _coords()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: v.detach().cpu().clone() for k, v in local.items()}
+    payload = ({k: v.detach().cpu() for k, v in local.items()}, coords)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    # One representative rank per (tp_rank, ep_rank) coordinate is enough.
+    reps: dict[tuple[int, int], tuple[dict, dict]] = {}
+    for part, c in gathered:
+        reps.setdefault((c["tp_rank"], c["ep_rank"]), (part, c))
+    tp_size, ep_size = coords["tp_size"], coords["ep_size"]
+    parts, rows = [], []
+    for (tp_rank, ep_rank), (part, c) in sorted(reps.items()):
+        parts.append(part)
+        rows.append({"tp_rank": tp_rank, "ep_rank": ep_rank})
+    return gather_lora_state(parts, {k: layout[k] for k in local}, rows=rows, tp_size=tp_size, ep_size=ep_size)
+
+
+def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[str, str], meta: dict,
+                    save_optim: bool, save_rng: bool) -> Path | None:
+    """Write checkpoint-<step> atomically (rank 0 writes shared files, each rank its RNG)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    named = {n: p for n, p in model.named_parameters() if n in layout}
+    weights = _gather_full({n: p.data for n, p in named.items()}, layout)
+    moments = None
+    if save_optim:
+        local = {}
+        for n, p in named.items():
+            state = optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                local[f"exp_avg.{n}"] = state["exp_avg"]
+                local[f"exp_avg_sq.{n}"] = state["exp_avg_sq"]
+        moment_layout = {f"{m}.{n}": layout[n] for n in named for m in ("exp_avg", "exp_avg_sq")}
+        moments = _gather_full(local, moment_layout)
+    tmp = tmp_checkpoint_dir(run_dir, step)
+    if rank == 0:
+        tmp.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    if save_rng:
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "rng" / f"rank-{rank}.pt")
+    final = None
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
+        if moments:
+            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
+        opt_steps = {n: int(optimizer.state[p]["step"]) for n, p in named.items()
+                     if save_optim and "step" in optimizer.state.get(p, {})}
+        write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION, "step": step,
+                                       "optimizer_steps": opt_steps, "has_optimizer": bool(moments),
+                                       "has_rng": save_rng, "lora_layout": layout})
+    _barrier()
+    if rank == 0:
+        final = commit_checkpoint(run_dir, step)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], same_layout: bool,
+                    log=print) -> dict:
+    """Load this rank's shards of the LoRA weights (and optimizer, RNG) from `path`; returns meta."""
+    meta = json.loads((path / "meta.json").read_text())
+    coords = _coords()
+    shard_kw = dict(tp_rank=coords["tp_rank"], tp_size=coords["tp_size"], ep_rank=coords["ep_rank"],
+                    ep_size=coords["ep_size"])
+    full = load_file(str(path / "adapter_model.safetensors"))
+    missing = sorted(set(layout) - set(full))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks LoRA tensors this model has, e.g. {missing[:3]} "
+                         "(was it trained with other target_modules?)")
+    shards = shard_lora_state(full, layout, **shard_kw)
+    named = {n: p for n, p in model.named_parameters() if n in layout}
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(shards[n])
+    if meta.get("has_optimizer") and (path / "optimizer.safetensors").is_file():
+        moments = load_file(str(path / "optimizer.safetensors"))
+        moment_layout = {f"{m}.{n}": layout[n] for n in named for m in ("exp_avg", "exp_avg_sq")}
+        local = shard_lora_state(moments, moment_layout, **shard_kw)
+        for n, p in named.items():
+            optimizer.state[p] = {"step": torch.tensor(float(meta["optimizer_steps"][n])),
+                                  "exp_avg": local[f"exp_avg.{n}"].to(p.dtype).clone(),
+                                  "exp_avg_sq": local[f"exp_avg_sq.{n}"].to(p.dtype).clone()}
+    else:
+        log(f"megalora: {path} has no optimizer state (no_save_optim); AdamW moments start from zero")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = path / "rng" / f"rank-{rank}.pt"
+    if meta.get("has_rng") and same_layout and rng_file.is_file():
+        state = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    elif meta.get("has_rng") and not same_layout:
+        log("megalora: resuming on a different layout; RNG states are not restored (they only matter for dropout)")
+    return meta
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

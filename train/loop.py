@@ -1,0 +1,162 @@
+"""The step loop: optimizer, schedule, evaluation, checkpoints, resume, signals, logging."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalora.train.checkpoint import load_checkpoint, save_checkpoint
+from megalora.train.logging import Progress, make_sinks
+from megalora.train.run_dir import fingerprint_model, prune_checkpoints, resolve_resume
+from megalora.train.schedule import lr_at, warmup_steps
+from megalora.train.signals import StopRequest
+from megalora.train.step import dp_all_reduce, eval_step, train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg, rt, *, model, layout: dict[str, str], loader, val_loader, grad_accum: int,
+                 model_dir: Path, report):
+        from megalora.train.lora.grads import reduce_lora_grads
+
+        self.cfg, self.rt, self.model, self.layout = cfg, rt, model, layout
+        self.loader, self.val_loader, self.grad_accum = loader, val_loader, grad_accum
+        self.model_dir, self.report = model_dir, report
+        self.reduce_grads = reduce_lora_grads
+        self.run_dir = Path(cfg.checkpoint.save)
+        t = cfg.train
+        self.params = [p for n, p in model.named_parameters() if p.requires_grad]
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == set(layout), \
+            "every trainable parameter must be a LoRA tensor with a sharding plan"
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.steps_per_epoch = loader.batches_per_epoch // grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"one epoch has {loader.batches_per_epoch} micro-batches per DP rank, fewer than the "
+                             f"{grad_accum} one step needs: lower `global_batch_size` or add data")
+        self.total_steps = t.train_iters if t.train_iters is not None else t.max_epochs * self.steps_per_epoch
+        self.warmup = warmup_steps(total_steps=self.total_steps, warmup_fraction=t.lr_warmup_fraction,
+                                   warmup_iters=t.lr_warmup_iters)
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self.fingerprint = fingerprint_model(model_dir)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _layout_signature(self) -> dict:
+        return {"world_size": self.rt.world_size, "tp": self.rt.tp, "ep": self.rt.ep, "dp": self.rt.dp_size,
+                "sequence_parallel": self.cfg.parallel.sequence_parallel}
+
+    def maybe_resume(self) -> None:
+        ck = self.cfg.checkpoint
+        if ck.resume is None:
+            return
+        path = resolve_resume(ck.resume, self.run_dir)
+        import json
+
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("base_model_fingerprint") != self.fingerprint:
+            raise ValueError(f"`resume`: {path} was trained on base model {meta.get('base_model')} with fingerprint "
+                             f"{meta.get('base_model_fingerprint')}; this run's base model {self.model_dir} has "
+                             f"{self.fingerprint}")
+        same = meta.get("layout") == self._layout_signature()
+        meta = load_checkpoint(path, model=self.model, optimizer=self.optimizer, layout=self.layout,
+                               same_layout=same, log=self.rt.log)
+        self.step = int(meta["step"])
+        self.loader.load_state_dict(meta["data_loader"])
+        self.last_checkpoint = path
+        self.rt.log(f"megalora: resumed from {path} at step {self.step}")
+
+    # -- pieces --------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        return {"base_model": str(self.model_dir), "base_model_fingerprint": self.fingerprint,
+                "data_loader": self.loader.state_dict(), "layout": self._layout_signature(),
+                "config": self.cfg.to_dict(), "total_steps": self.total_steps}
+
+    def save(self) -> None:
+        ck = self.cfg.checkpoint
+        path = save_checkpoint(self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
+                               layout=self.layout, meta=self._meta(), save_optim=not ck.no_save_optim,
+                               save_rng=not ck.no_save_rng)
+        if self.rt.rank == 0:
+            self.last_checkpoint = path
+            prune_checkpoints(self.run_dir, ck.save_total_limit)
+            self.rt.log(f"megalora: saved {path}")
+
+    def evaluate(self) -> dict:
+        if self.val_loader is None:
+            return {}
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        it = iter(self.val_loader)
+        for _ in range(min(self.cfg.train.eval_iters, self.val_loader.batches_per_epoch)):
+            loss, n, correct = eval_step(self.model, next(it), device=self.rt.device, packed=self.cfg.data.packing)
+            sums += torch.tensor([loss, n, correct], dtype=torch.float64)
+        self.val_loader.load_state_dict({"epoch": 0, "position": 0})
+        self.model.train()
+        sums = dp_all_reduce(sums)
+        return {"eval_loss": float(sums[0] / max(sums[1], 1)), "eval_acc": float(sums[2] / max(sums[1], 1))}
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg, rt = self.cfg, self.rt
+        self.maybe_resume()
+        sinks = make_sinks(rank=rt.rank, run_dir=self.run_dir, report_to=cfg.logging.report_to,
+                           wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                           wandb_name=cfg.logging.wandb_exp_name, config=cfg.to_dict())
+        progress = Progress(total_steps=self.total_steps, start_step=self.step, rank=rt.rank)
+        stop = StopRequest().install()
+        batches = iter(self.loader)
+        self.model.train()
+        rt.log(f"megalora: training {self.total_steps} steps ({self.steps_per_epoch} per epoch) from step {self.step}")
+        try:
+            while self.step < self.total_steps:
+                lr = lr_at(self.step, lr=cfg.train.lr, min_lr=cfg.train.min_lr, total_steps=self.total_steps,
+                           warmup=self.warmup, style=cfg.train.lr_decay_style)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(self.grad_accum)]
+                result = train_step(self.model, micro, device=rt.device, packed=cfg.data.packing, dp_size=rt.dp_size,
+                                    layout=self.layout, params=self.params, clip_grad=cfg.train.clip_grad,
+                                    reduce_grads=self.reduce_grads)
+                if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+                    where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                    raise NonFiniteLoss(f"non-finite loss {result.loss} / grad norm {result.grad_norm} at step "
+                                        f"{self.step + 1}; the last good checkpoint is {where}")
+                self.optimizer.step()
+                self.step += 1
+                elapsed = time.perf_counter() - t0
+                metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                           "trained_tokens": result.trained_tokens,
+                           "tokens_per_s": result.tokens * rt.dp_size / max(elapsed, 1e-9),
+                           "epoch": self.loader.state.epoch}
+                interval = cfg.train.eval_interval
+                if interval and (self.step % interval == 0 or self.step == self.total_steps):
+                    metrics.update(self.evaluate())
+                if self.step % cfg.train.log_interval == 0 or self.step == self.total_steps:
+                    sinks.log(self.step, metrics)
+                    progress.update(self.step, metrics)
+                stopping = stop.should_stop()
+                save_every = cfg.checkpoint.save_interval
+                if stopping or self.step == self.total_steps or (save_every and self.step % save_every == 0):
+                    self.save()
+                if stopping:
+                    rt.log(f"megalora: stopped by signal {stop.signum} after step {self.step}; resume with "
+                           f"--resume latest --save {self.run_dir}")
+                    return 0
+        except NonFiniteLoss as e:
+            print(f"megalora sft: error (rank {rt.rank}): {e}", flush=True)
+            return 3
+        finally:
+            stop.restore()
+            sinks.close()
+        if cfg.export.merge_lora and rt.rank == 0:
+            rt.log("megalora: merge_lora: run `megalora export` on the final checkpoint")
+        rt.log(f"megalora: done; final checkpoint {self.last_checkpoint}")
+        return 0

@@ -1,0 +1,249 @@
+"""`megalora plan`: per-GPU memory and step FLOPs of a config's parallel layout, before any GPU is rented.
+
+Everything here is arithmetic on the HF `config.json` and the `Config` tree (pure functions);
+`format_plan` renders one table. The model follows megatron-core's layout as megalora builds it:
+
+Frozen weights (`torch_dtype`; `auto` = bf16 on GPU, fp32 on CPU), per GPU:
+    attention q/k/v/o, GDN in/out projections, conv1d, A_log, dt_bias, dense MLP and shared expert
+    are split by TP; routed experts by EP (expert TP is 1); embedding and output layer by TP over
+    the vocab padded to a multiple of TP; norms, QK-norms, routers and shared-expert gates are
+    replicated. A tied output layer shares the embedding.
+LoRA (`lora_dtype`), rank r on every target, per GPU: a column-parallel base keeps A [r, in]
+    replicated and splits B [out/TP, r]; a row-parallel base splits A [r, in/TP] and keeps B
+    [out, r]; routed-expert adapters (one A, B per expert) live with their experts (÷EP).
+    `lora_per_projection=false` (megatron's fused layers: one adapter on q|k|v, on gate|up, on
+    GDN qkvz|ba) or `true` (one per HF projection, peft's form).
+Gradients: one per LoRA element in `lora_dtype`. AdamW: two fp32 moments, plus an fp32 master
+    copy when `lora_dtype` is not fp32. No distributed-optimizer sharding is assumed.
+Activations (`act` = bf16 on GPU, the weight dtype on CPU), tokens T = micro_batch_size x
+    max_length per micro-batch (full-length sequences: an upper bound), Ts = T/TP with sequence
+    parallelism (residual, norms, router) else T; head-split tensors are [T, width/TP]. Per layer,
+    per token, what backward keeps (see `_layer_activation_bytes`): both norm inputs; attention
+    q/k before QK-norm, rotated q/k, v, core output, output gate, log-sum-exp (flash attention:
+    no [s, s] scores); GDN conv input/output/activation, normalised q/k, z, g, beta, core output,
+    the chunk kernel's [64]-wide intra-chunk matrix; MLP fc1 output; MoE router logits and
+    probabilities (fp32), per routed token (Ts x top-k, balanced over EP) fc1 and fc2 outputs;
+    every LoRA adapter's input (a copy in `lora_dtype` when that differs from `act`, one shared
+    tensor otherwise) and its [tokens, r] intermediate.
+    Recompute: none keeps every layer; `selective` recomputes core attention, which holds no
+    [s, s] scores under flash attention, so it changes nothing here; `full` keeps each chunk's
+    input [Ts, H] (uniform: chunks of recompute_num_layers; block: the first recompute_num_layers
+    layers) and re-creates one chunk's activations during its backward. One more layer's worth
+    is added as the backward working set (activation gradients of the layer in flight).
+Logits: [T, vocab_padded/TP] in `act` plus an fp32 copy for the vocab-parallel cross entropy.
+Communication buffers: with TP>1 and SP, one all-gathered [T, H] input and one reduce-scatter
+    staging buffer (`act`); with EP>1, the all-to-all send and receive buffers [Ts x top-k, H].
+Framework overhead (GPU only; 0 in CPU mode): CUDA context and kernel images 1.0 GiB, cuBLAS
+    workspaces 0.25 GiB, NCCL communicators 0.5 GiB per parallel group that is > 1 (TP, DP, EP,
+    expert-DP), and allocator fragmentation 10% of activations, logits and buffers.
+
+Step FLOPs (whole model, one optimizer step of global_batch_size x max_length tokens):
+    per token = 4 * P_active                   frozen GEMMs: forward + input gradient (2 + 2),
+                                               no weight gradient; P_active counts the routed
+                                               experts a token visits (top-k) and the LM head
+              + 3 * 2 * n_heads * d_head * s   per full-attention layer, causal (average context
+                                               s/2, QK^T and PV); backward = 2x forward
+              + 3 * nv * (6 dk dv + 2*64*(dk + dv)) + 3 * 2 * K * conv_dim   per GDN layer
+                                               (state read/update and intra-chunk products)
+              + 6 * r * (in + out)             per LoRA adapter a token passes through
+                                               (forward, input gradient, weight gradient)
+    per GPU = step FLOPs / world size (an even split; real imbalance is not modelled).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from megalora.config import Config, ConfigError, ModelShape, check_layout
+from megalora.train.model.hf_config import FULL_ATTENTION, HFModelSpec, padded_vocab_size, parse_hf_config
+
+GIB = 1024 ** 3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ALL_LINEAR = ("linear_qkv", "linear_proj", "in_proj", "out_proj", "linear_fc1", "linear_fc2")
+ON_REQUEST = ("router", "shared_expert_gate", "output_layer")
+GDN_CHUNK = 64  # the chunked gated-delta-rule kernel's block length
+CUDA_CONTEXT_GIB = 1.0
+CUBLAS_WORKSPACE_GIB = 0.25
+NCCL_PER_GROUP_GIB = 0.5
+FRAGMENTATION = 0.10
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Parallel degrees of one run: DP = world / TP, expert-DP = world / EP."""
+    world: int
+    tp: int = 1
+    ep: int = 1
+    sp: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A frozen tensor family: `numel` elements in the whole model, `shard` says how a GPU splits it."""
+    group: str
+    numel: int
+    shard: str  # "tp" | "ep" | "replicated"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA adapter (an A, B pair per copy) on a module named as in the megatron model."""
+    name: str
+    kind: str
+    in_dim: int
+    out_dim: int
+    parallel: str  # "column" | "row" | "expert" | "replicated"
+    copies: int = 1  # routed experts: one adapter per expert
+    visits: float = 1.0  # adapter applications per token (top-k for routed experts)
+    input_group: str = ""  # adapters that read the same tensor
+
+
+def model_spec(hf_config: dict) -> HFModelSpec:
+    """The typed model description of a config.json dict (errors name the key)."""
+    return parse_hf_config(hf_config, path="config.json")
+
+
+def _attention_dims(spec: HFModelSpec) -> tuple[int, int, int]:
+    """(query|gate out, key/value out, output-projection in) of one full-attention layer."""
+    q = spec.num_attention_heads * spec.head_dim * (2 if spec.attention_output_gate else 1)
+    kv = spec.num_key_value_heads * spec.head_dim
+    return q, kv, spec.num_attention_heads * spec.head_dim
+
+
+def _gdn_dims(spec: HFModelSpec) -> dict[str, int]:
+    key = spec.linear_num_key_heads * spec.linear_key_head_dim
+    value = spec.linear_num_value_heads * spec.linear_value_head_dim
+    return {"key": key, "value": value, "qkvz": 2 * key + 2 * value, "ba": 2 * spec.linear_num_value_heads,
+            "conv": 2 * key + value}
+
+
+def frozen_weights(spec: HFModelSpec, *, vocab: int) -> list[Weight]:
+    """Every frozen tensor family of the model with `vocab` embedding rows (padded or not)."""
+    h = spec.hidden_size
+    out = [Weight("embedding", vocab * h, "tp"), Weight("norms", h, "replicated")]
+    if not spec.tie_word_embeddings:
+        out.append(Weight("output_layer", vocab * h, "tp"))
+    for layer in range(spec.num_layers):
+        out.append(Weight("norms", 2 * h, "replicated"))
+        if spec.layer_types[layer] == FULL_ATTENTION:
+            q, kv, o_in = _attention_dims(spec)
+            out += [Weight("attention", h * (q + 2 * kv) + o_in * h, "tp"),
+                    Weight("norms", 2 * spec.head_dim, "replicated")]
+        else:
+            g = _gdn_dims(spec)
+            nv = spec.linear_num_value_heads
+            out += [Weight("gdn", h * (g["qkvz"] + g["ba"]) + g["value"] * h + g["conv"] * spec.linear_conv_kernel_dim
+                           + 2 * nv, "tp"),
+                    Weight("norms", spec.linear_value_head_dim, "replicated")]
+        if spec.moe_layers[layer]:
+            e, f = spec.num_experts, spec.moe_ffn_hidden_size
+            out += [Weight("router", e * h, "replicated"), Weight("routed_experts", e * 3 * h * f, "ep")]
+            if spec.shared_expert_ffn_hidden_size:
+                out += [Weight("shared_expert", 3 * h * spec.shared_expert_ffn_hidden_size, "tp"),
+                        Weight("router", h, "replicated")]  # the shared expert's sigmoid gate
+        else:
+            out.append(Weight("dense_mlp", 3 * h * spec.ffn_hidden_size, "tp"))
+    return out
+
+
+def num_params(spec: HFModelSpec) -> int:
+    """Parameters of the HF model (unpadded vocab): what `sum(p.numel())` gives in transformers."""
+    return sum(w.numel for w in frozen_weights(spec, vocab=spec.vocab_size))
+
+
+def _split(numel: int, shard: str, layout: Layout, *, what: str) -> int:
+    degree = {"tp": layout.tp, "ep": layout.ep, "replicated": 1}[shard]
+    if numel % degree:
+        raise ValueError(f"{what}: {numel} elements do not split evenly over {shard.upper()}={degree}")
+    return numel // degree
+
+
+def _targets(target_modules: Sequence[str]) -> set[str]:
+    chosen = set(target_modules)
+    unknown = chosen - set(ALL_LINEAR + ON_REQUEST + ("all-linear",))
+    if unknown:
+        raise ConfigError(f"`target_modules`: unknown {sorted(unknown)}; allowed: all-linear, "
+                          f"{', '.join(ALL_LINEAR + ON_REQUEST)}")
+    if "all-linear" in chosen:
+        chosen = (chosen - {"all-linear"}) | set(ALL_LINEAR)
+    return chosen
+
+
+def lora_adapters(spec: HFModelSpec, *, lora: Any, padded_vocab: int) -> list[Adapter]:
+    """Every LoRA adapter the config's targets select (`lora` is a `LoraSection`).
+
+    Selection follows `megalora.train.lora.apply`: a target name matches a module's last name
+    component, `target_regex` is searched in the full megatron module name, `exclude_modules`
+    are substrings of it."""
+    targets = _targets(lora.target_modules)
+    try:
+        regex = re.compile(lora.target_regex) if lora.target_regex else None
+    except re.error as err:
+        raise ConfigError(f"`target_regex`: invalid regular expression ({err})") from None
+    split = bool(lora.lora_per_projection)
+    h = spec.hidden_size
+    chosen: list[Adapter] = []
+
+    def layer_of(name: str) -> str:
+        return ".".join(name.split(".")[:3])
+
+    def add(name: str, short: str, pieces: list[tuple[str, int, int]], parallel: str, group: str, **kw: Any) -> None:
+        if any(ex in name for ex in lora.exclude_modules or []):
+            return
+        if short in targets or (regex is not None and regex.search(name)):
+            for kind, d_in, d_out in pieces:
+                chosen.append(Adapter(name, kind, d_in, d_out, parallel, input_group=f"{layer_of(name)}:{group}", **kw))
+
+    for layer in range(spec.num_layers):
+        pre = f"decoder.layers.{layer}"
+        if spec.layer_types[layer] == FULL_ATTENTION:
+            q, kv, o_in = _attention_dims(spec)
+            qkv = [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv)] if split else [("linear_qkv", h, q + 2 * kv)]
+            add(f"{pre}.self_attention.linear_qkv", "linear_qkv", qkv, "column", "in")
+            add(f"{pre}.self_attention.linear_proj", "linear_proj", [("linear_proj", o_in, h)], "row", "out")
+        else:
+            g = _gdn_dims(spec)
+            pieces = [("in_proj_qkvz", h, g["qkvz"]), ("in_proj_ba", h, g["ba"])] if split \
+                else [("in_proj", h, g["qkvz"] + g["ba"])]
+            add(f"{pre}.self_attention.in_proj", "in_proj", pieces, "column", "in")
+            add(f"{pre}.self_attention.out_proj", "out_proj", [("out_proj", g["value"], h)], "row", "out")
+        mlps: list[tuple[str, int, str]] = []
+        if spec.moe_layers[layer]:
+            e, f = spec.num_experts, spec.moe_ffn_hidden_size
+            for short, d_in, d_out in (("linear_fc1", h, 2 * f), ("linear_fc2", f, h)):
+                add(f"{pre}.mlp.experts.{short}", short, [(f"experts.{short}", d_in, d_out)], "expert",
+                    "expert_in" if short == "linear_fc1" else "expert_mid", copies=e, visits=float(spec.moe_topk))
+            add(f"{pre}.mlp.router", "router", [("router", h, e)], "replicated", "mlp_in")
+            if spec.shared_expert_ffn_hidden_size:
+                mlps.append((f"{pre}.mlp.shared_experts", spec.shared_expert_ffn_hidden_size, "shared_expert"))
+                add(f"{pre}.mlp.shared_experts.gate", "shared_expert_gate", [("shared_expert_gate", h, 1)],
+                    "replicated", "mlp_in")
+        else:
+            mlps.append((f"{pre}.mlp", spec.ffn_hidden_size, "mlp"))
+        for base, f, label in mlps:
+            fc1 = [(f"{label}.gate_proj", h, f), (f"{label}.up_proj", h, f)] if split else [(f"{label}.linear_fc1", h, 2 * f)]
+            add(f"{base}.linear_fc1", "linear_fc1", fc1, "column", "mlp_in")
+            add(f"{base}.linear_fc2", "linear_fc2", [(f"{label}.linear_fc2", f, h)], "row", "mid")
+    add("output_layer", "output_layer", [("output_layer", h, padded_vocab)], "column", "final")
+    return chosen
+
+
+def lora_numel(adapters: Sequence[Adapter], *, rank: int, layout: Layout | None = None) -> int:
+    """LoRA elements in the whole model (`layout` None) or on one GPU of `layout`."""
+    total = 0
+    for a in adapters:
+        a_in, b_out, copies = a.in_dim, a.out_dim, a.copies
+        if layout is not None:
+            if a.parallel == "column":
+                b_out = _split(b_out, "tp", layout, what=f"LoRA B of {a.name}")
+            elif a.parallel == "row":
+                a_in = _split(a_in, "tp", layout, what=f"LoRA A of {a.name}")
+            elif a.parallel == "expert":
+                copies = _split(copies, "ep", layout, what=f"experts of {a.name}")
+        total += copies * rank * (a_in + b_out)
+    return total

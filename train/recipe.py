@@ -1,0 +1,166 @@
+"""The LoRA fine-tuning recipe: setup -> train -> save -> cleanup. Every rank runs `train`.
+
+Features and the config keys that control them:
+- model: `model` (HF folder, hub id or `demo`), `torch_dtype`, `use_hf`
+- parallel layout: `tensor_model_parallel_size`, `sequence_parallel`, `expert_model_parallel_size`,
+  `moe_token_dispatcher_type`; data parallel is what remains of the world size
+- LoRA: `lora_rank`, `lora_alpha`, `lora_dropout`, `use_rslora`, `target_modules`, `target_regex`,
+  `exclude_modules`; base weights frozen, AdamW over LoRA parameters only
+- data: `dataset`, `val_dataset`, `split_dataset_ratio`, `max_length`, `packing`, `strict`, `loss_on`, ...
+- batches: `micro_batch_size`, `global_batch_size` (= micro x DP x accumulation), loss = mean over all
+  trained tokens of the global batch; `moe_aux_loss_coeff`
+- optimizer and schedule: `lr`, `min_lr`, `lr_warmup_fraction`/`lr_warmup_iters`, `lr_decay_style`,
+  `weight_decay`, `adam_beta1/2`, `adam_eps`, `clip_grad`; `train_iters` or `max_epochs`; `seed`
+- recomputation: `recompute_granularity`, `recompute_method`, `recompute_num_layers`
+- evaluation: `eval_interval`, `eval_iters` (loss and token accuracy)
+- checkpoints: `save`, `save_interval`, `save_total_limit`, `resume`, `no_save_optim`, `no_save_rng`
+- logging: progress line with loss, lr, grad norm, tokens/s and ETA; `metrics.jsonl`; `report_to` wandb
+- faults: SIGTERM/SIGINT finish the step, save and exit; a non-finite loss stops with the step named
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megalora.config import Config, ConfigError, Extras, check_layout, save_config
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    tp: int
+    ep: int
+    device: torch.device
+
+    def log(self, msg: str = "") -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    name = cfg.model.torch_dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def setup_distributed(cfg: Config) -> Runtime:
+    from megatron.core import parallel_state as ps
+
+    from megalora.parallel import groups
+
+    p = cfg.parallel
+    groups.initialize(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
+                      sequence_parallel=p.sequence_parallel, backend=p.distributed_backend)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=ps.get_data_parallel_rank(),
+                   dp_size=ps.get_data_parallel_world_size(), tp=p.tensor_model_parallel_size,
+                   ep=p.expert_model_parallel_size, device=device)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
+    """Model folder on every rank (rank 0 creates the demo / downloads first); `demo` data resolved."""
+    from megalora.demo import DEMO, ensure_demo_assets
+    from megalora.dry_run import resolve_model_dir
+
+    needs_demo = cfg.model.model == DEMO or DEMO in cfg.data.dataset or DEMO in cfg.data.val_dataset
+    if needs_demo and rt.rank == 0:
+        ensure_demo_assets(log=rt.log)
+    _barrier()
+    if needs_demo:
+        assets = ensure_demo_assets(log=rt.log)
+        cfg.data.dataset = [str(assets.data_file) if d == DEMO else d for d in cfg.data.dataset]
+        cfg.data.val_dataset = [str(assets.data_file) if d == DEMO else d for d in cfg.data.val_dataset]
+    if rt.rank == 0:
+        model_dir = resolve_model_dir(cfg, log=rt.log)
+    _barrier()
+    if rt.rank != 0:
+        model_dir = resolve_model_dir(cfg, log=rt.log)
+    return Path(model_dir)
+
+
+def data_cache_dir() -> Path:
+    base = os.environ.get("MEGALORA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "megalora")
+    return Path(base) / "data"
+
+
+def train(cfg: Config, extras: Extras) -> int:
+    from megalora.dry_run import describe_extras, read_model_shape
+    from megalora.parallel import groups
+
+    rt = setup_distributed(cfg)
+    try:
+        return _train(cfg, extras, rt, describe_extras=describe_extras, read_model_shape=read_model_shape)
+    except (ConfigError, ValueError) as e:
+        print(f"megalora sft: error (rank {rt.rank}): {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        groups.destroy()
+
+
+def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_model_shape) -> int:
+    from transformers import AutoTokenizer
+
+    from megalora.data.dataset import build_datasets
+    from megalora.data.sampler import BatchLoader
+    from megalora.train.loop import Trainer
+    from megalora.train.lora.apply import apply_lora
+    from megalora.train.lora.layout import lora_layout
+    from megalora.train.model.build import build_model
+
+    model_dir = resolve_inputs(cfg, rt)
+    _, shape = read_model_shape(model_dir)
+    degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
+    for line in describe_extras(extras, cuda=torch.cuda.is_available()):
+        rt.log(f"megalora: {line}")
+    if cfg.lora.adapters is not None:
+        raise ConfigError("`adapters`: starting from a PEFT adapter is not supported by this build yet")
+    run_dir = Path(cfg.checkpoint.save)
+    if rt.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    rt.log(f"megalora: world {rt.world_size} = TP {rt.tp} x DP {rt.dp_size}; EP {rt.ep}; "
+           f"gradient accumulation {degrees['grad_accum']}; run folder {run_dir}")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train_ds, val_ds = build_datasets(cfg.data, tokenizer, cache_dir=data_cache_dir(), rank=rt.rank, log=rt.log,
+                                      use_hf=cfg.model.use_hf)
+    pad_multiple = rt.tp if cfg.parallel.sequence_parallel else 1
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+                     packing=cfg.data.packing, max_length=cfg.data.max_length, pad_to_multiple_of=pad_multiple,
+                     pad_token_id=pad_id)
+    loader = BatchLoader(train_ds, seed=cfg.data.data_seed, **loader_kw)
+    val_loader = BatchLoader(val_ds, seed=cfg.data.data_seed, shuffle=False, **loader_kw) if val_ds else None
+
+    t = cfg.train
+    overrides = dict(moe_aux_loss_coeff=t.moe_aux_loss_coeff,
+                     moe_token_dispatcher_type=cfg.parallel.moe_token_dispatcher_type)
+    if t.recompute_granularity is not None:
+        overrides.update(recompute_granularity=t.recompute_granularity)
+        if t.recompute_granularity == "full":
+            overrides.update(recompute_method=t.recompute_method, recompute_num_layers=t.recompute_num_layers)
+    if not shape.num_experts:
+        overrides.pop("moe_token_dispatcher_type")
+        overrides.pop("moe_aux_loss_coeff")
+    model, info = build_model(model_dir, dtype=_dtype(cfg), num_layers=cfg.model.num_layers,
+                              sequence_parallel=cfg.parallel.sequence_parallel, **overrides)
+    model.to(rt.device)
+    report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
+    trainer = Trainer(cfg, rt, model=model, layout=lora_layout(model), loader=loader, val_loader=val_loader,
+                      grad_accum=degrees["grad_accum"], model_dir=model_dir, report=report)
+    return trainer.run()
