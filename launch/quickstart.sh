@@ -6,4 +6,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/setup_env.sh"
 cd "$ROOT"
-NPROC_PER_NODE="${NPROC_PER_NODE:-2}" exec megalora sft configs/demo.yaml --dry-run "$@"
+NPROC_PER_NODE="${NPROC_PER_NODE:-2}" exec megalora sft configs/demo.yaml "$@"

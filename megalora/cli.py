@@ -90,8 +90,20 @@ def cmd_sft(argv: list[str]) -> int:
     return run_sft(cfg, extras, config_path=config_path, argv=argv)
 
 
+# Messages from dependencies that say nothing to a megalora user (optional GPU libraries
+# absent on CPU, deprecations inside megatron-core); real warnings still show.
+QUIET_WARNINGS = (
+    r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*",
+    r".*all_gather_into_tensor` is deprecated.*",
+    r".*reduce_scatter_tensor` is deprecated.*",
+    r"full scope is deprecated.*",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0

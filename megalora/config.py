@@ -52,7 +52,7 @@ class DataSection:
     model_author: list = _f([], "Self-cognition placeholder: the model's author (one or two spellings).")
     load_from_cache_file: bool = _f(True, "Reuse tokenised data cached from an earlier run with the same inputs.")
     dataset_num_proc: int = _f(1, "Worker processes for tokenisation.")
-    num_workers: int = _f(1, "DataLoader worker processes.")
+    num_workers: int = _f(0, "DataLoader worker processes (0: batches are built in the training process).")
     data_seed: int = _f(42, "Seed for dataset sampling and per-epoch shuffling.")
 
 

@@ -1,6 +1,7 @@
-"""LoRA on every target of a tiny MoE GPTModel: TP=2+SP, EP=2 and TP=2 x EP=2+SP == one process.
+"""Multi-rank LoRA: the wrappers under TP=2 (with and without SP) against full-weight math, and
+LoRA on every target of a tiny MoE GPTModel under TP=2+SP, EP=2 and TP=2 x EP=2+SP == one process.
 
-The oracle is a single-process run (spawned, world size 1) of the same seeded base model with
+The model oracle is a single-process run (in this process) of the same seeded base model with
 the same adapters (random non-zero B). Each layout loads its slices of the base weights and of
 the adapters, runs forward/backward on its DP share of the batch, reduces the LoRA gradients
 with `reduce_lora_grads`, and the gathered full-shape gradients must match to 1e-5 relative.
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalora.parallel.multiprocess import spawn
 from test_lora_apply import build_model, make_batch, randomize_lora_b
@@ -34,7 +38,81 @@ def _step(model: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return loss.detach()
 
 
-def reference_worker(rank: int, world_size: int) -> dict[str, Any]:
+S, B, IN, OUT, R = 4, 2, 12, 10, 3
+
+
+def _layer(kind: str, sp: bool) -> torch.nn.Module:
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, tensor_model_parallel_size=2,
+                            sequence_parallel=sp, use_cpu_initialization=True)
+    torch.manual_seed(0)  # the same master weight on every rank; each keeps its shard
+    init = lambda w: torch.nn.init.normal_(w, std=0.2)  # noqa: E731
+    if kind == "column":
+        return ColumnParallelLinear(IN, OUT, config=cfg, init_method=init, bias=False,
+                                    keep_master_weight_for_test=True)
+    return RowParallelLinear(IN, OUT, config=cfg, init_method=init, bias=False, input_is_parallel=True,
+                             skip_bias_add=False, keep_master_weight_for_test=True)
+
+
+def wrapper_checks(rank: int) -> list[str]:
+    """TP=2 column/row wrappers, without and with SP, against full-weight math on this rank."""
+    from megalora.parallel import groups
+    from megalora.train.lora.grads import reduce_lora_grads
+    from megalora.train.lora.layers import LoraLinear
+    from megalora.train.lora.options import LoraOptions
+
+    checked = []
+    for sp in (False, True):
+        groups.initialize(tp=2, sequence_parallel=sp)
+        for kind in ("column", "row"):
+            base = _layer(kind, sp)
+            layer = LoraLinear(base, options=LoraOptions(rank=R, alpha=5.0), init_seed=9)
+            gen = torch.Generator().manual_seed(1)
+            full_a = layer.lora_A.detach().clone() if kind == "column" else None
+            full_b = torch.randn(OUT, R, generator=gen)
+            x = torch.randn(S, B, IN, generator=gen)
+            g = torch.randn(S, B, OUT, generator=gen)
+            seq = slice(rank * S // 2, (rank + 1) * S // 2)
+            if kind == "column":
+                cols = slice(rank * OUT // 2, (rank + 1) * OUT // 2)
+                with torch.no_grad():
+                    layer.lora_B.copy_(full_b[cols])
+                x_in = x[seq] if sp else x
+                g_out = g[..., cols]
+            else:
+                # every rank holds its slice of the full A; rebuild the full one for the reference
+                parts = [torch.empty_like(layer.lora_A) for _ in range(2)]
+                torch.distributed.all_gather(parts, layer.lora_A.detach().contiguous())
+                full_a = torch.cat(parts, dim=1)
+                with torch.no_grad():
+                    layer.lora_B.copy_(full_b)
+                x_in = x[..., rank * IN // 2:(rank + 1) * IN // 2]
+                g_out = g[seq] if sp else g
+            x_in = x_in.clone().requires_grad_(True)
+            out, _ = layer(x_in)
+            (out * g_out).sum().backward()
+            reduce_lora_grads(layer)
+
+            a = full_a.clone().requires_grad_(True)
+            b = full_b.clone().requires_grad_(True)
+            xr = x.clone().requires_grad_(True)
+            ref = xr @ base.master_weight.T + layer.scaling * (xr @ a.T) @ b.T
+            (ref * g).sum().backward()
+            if kind == "column":
+                torch.testing.assert_close(out, ref[..., cols])  # SP: the base all-gathers the sequence
+                torch.testing.assert_close(layer.lora_A.grad, a.grad)
+                torch.testing.assert_close(layer.lora_B.grad, b.grad[cols])
+                torch.testing.assert_close(x_in.grad, xr.grad[seq] if sp else xr.grad)
+            else:
+                in_cols = slice(rank * IN // 2, (rank + 1) * IN // 2)
+                torch.testing.assert_close(out, ref[seq] if sp else ref)
+                torch.testing.assert_close(layer.lora_A.grad, a.grad[:, in_cols])
+                torch.testing.assert_close(layer.lora_B.grad, b.grad)
+                torch.testing.assert_close(x_in.grad, xr.grad[..., in_cols])
+            checked.append(f"{kind}:sp={sp}")
+    return checked
+
+
+def reference_run() -> dict[str, Any]:
     """One process: base state, adapters (random B), loss and LoRA gradients."""
     from megalora.parallel import groups
     from megalora.train.lora.apply import apply_lora
@@ -50,6 +128,7 @@ def reference_worker(rank: int, world_size: int) -> dict[str, Any]:
     tokens, labels = make_batch()
     loss = _step(model, tokens, labels)
     grads = {n: p.grad.clone() for n, p in lora_parameters(model)}
+    groups.destroy()
     return {"base": base, "lora": lora, "loss": loss.item(), "grads": grads}
 
 
@@ -64,7 +143,7 @@ def layout_worker(rank: int, world_size: int, ref: dict[str, Any], cases: list[t
     from megalora.train.lora.grads import lora_parameters, reduce_lora_grads
     from megalora.train.lora.layout import lora_layout, shard_lora_state
 
-    out = {}
+    out: dict[str, Any] = {"wrappers": wrapper_checks(rank) if world_size == 2 else None}
     for name, tp, ep, sp in cases:
         info = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=SEED)
         model = build_model(tp=tp, ep=ep, sp=sp)
@@ -96,21 +175,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def test_lora_grads_match_single_process_under_tp_sp_ep() -> None:
-    from megalora.train.lora.layout import gather_lora_state
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return reference_run()
 
-    ref = spawn(reference_worker, 1, timeout=300)[0]
-    assert len(ref["grads"]) == 2 * 16 + 2  # per layer: 4 dense pairs, 4 expert, router and gate pairs; head
-    assert all(g.abs().sum() > 0 for g in ref["grads"].values())
+
+@pytest.fixture(scope="module")
+def world_results(reference: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """One spawn per world size runs every check of that size (process start-up dominates)."""
+    results = {}
     for world in (2, 4):
         cases = [(n, tp, ep, sp) for n, w, tp, ep, sp in LAYOUTS if w == world]
-        per_rank = spawn(layout_worker, world, args=(ref, cases), timeout=400)
-        for name, tp, ep, _ in cases:
-            results = [r[name] for r in per_rank]
-            assert abs(results[0]["loss"] - ref["loss"]) <= RTOL * abs(ref["loss"]), name
-            grads = gather_lora_state([r["grads"] for r in results], results[0]["layout"],
-                                      rows=[r["row"] for r in results], tp_size=tp, ep_size=ep)
-            assert grads.keys() == ref["grads"].keys()
-            for key, want in ref["grads"].items():
-                assert grads[key].shape == want.shape, (name, key)
-                assert _rel(grads[key], want) < RTOL, (name, key, _rel(grads[key], want))
+        results[world] = spawn(layout_worker, world, args=(reference, cases), timeout=400)
+    return results
+
+
+def test_tp2_wrappers_match_full_weights_with_and_without_sp(world_results: dict) -> None:
+    expected = ["column:sp=False", "row:sp=False", "column:sp=True", "row:sp=True"]
+    assert [r["wrappers"] for r in world_results[2]] == [expected, expected]
+
+
+def test_lora_grads_match_single_process_under_tp_sp_ep(reference: dict, world_results: dict) -> None:
+    from megalora.train.lora.layout import gather_lora_state
+
+    ref = reference
+    assert len(ref["grads"]) == 2 * 16 + 2  # per layer: 4 dense pairs, 4 expert, router and gate pairs; head
+    assert all(g.abs().sum() > 0 for g in ref["grads"].values())
+    for name, world, tp, ep, _ in LAYOUTS:
+        results = [r[name] for r in world_results[world]]
+        assert abs(results[0]["loss"] - ref["loss"]) <= RTOL * abs(ref["loss"]), name
+        grads = gather_lora_state([r["grads"] for r in results], results[0]["layout"],
+                                  rows=[r["row"] for r in results], tp_size=tp, ep_size=ep)
+        assert grads.keys() == ref["grads"].keys()
+        for key, want in ref["grads"].items():
+            assert grads[key].shape == want.shape, (name, key)
+            assert _rel(grads[key], want) < RTOL, (name, key, _rel(grads[key], want))

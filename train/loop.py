@@ -44,6 +44,8 @@ class Trainer:
         self.warmup = warmup_steps(total_steps=self.total_steps, warmup_fraction=t.lr_warmup_fraction,
                                    warmup_iters=t.lr_warmup_iters)
         self.step = 0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.fingerprint = fingerprint_model(model_dir)
 
@@ -139,6 +141,8 @@ class Trainer:
                 interval = cfg.train.eval_interval
                 if interval and (self.step % interval == 0 or self.step == self.total_steps):
                     metrics.update(self.evaluate())
+                self.first_loss = self.first_loss if self.first_loss is not None else result.loss
+                self.last_loss = result.loss
                 if self.step % cfg.train.log_interval == 0 or self.step == self.total_steps:
                     sinks.log(self.step, metrics)
                     progress.update(self.step, metrics)
@@ -158,5 +162,7 @@ class Trainer:
             sinks.close()
         if cfg.export.merge_lora and rt.rank == 0:
             rt.log("megalora: merge_lora: run `megalora export` on the final checkpoint")
+        if self.first_loss is not None:
+            rt.log(f"megalora: loss {self.first_loss:.4f} at the first step of this run, {self.last_loss:.4f} at the last")
         rt.log(f"megalora: done; final checkpoint {self.last_checkpoint}")
         return 0

@@ -247,3 +247,217 @@ def lora_numel(adapters: Sequence[Adapter], *, rank: int, layout: Layout | None 
                 copies = _split(copies, "ep", layout, what=f"experts of {a.name}")
         total += copies * rank * (a_in + b_out)
     return total
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of frozen weights, activations and LoRA tensors; `gpu` adds framework overhead."""
+    weight: int
+    act: int
+    lora: int
+    gpu: bool
+
+
+def precision(cfg: Config, *, device: str) -> Precision:
+    """Dtype sizes as configured: `torch_dtype` auto is bf16 on `gpu` and fp32 on `cpu`."""
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be gpu or cpu, got {device!r}")
+    name = cfg.model.torch_dtype
+    if name == "auto":
+        name = "bfloat16" if device == "gpu" else "float32"
+    weight = DTYPE_BYTES[name]
+    return Precision(weight=weight, act=weight, lora=DTYPE_BYTES[cfg.lora.lora_dtype], gpu=device == "gpu")
+
+
+def _layer_activation_bytes(spec: HFModelSpec, layer: int, adapters: Sequence[Adapter], *, layout: Layout,
+                            tokens: int, prec: Precision, rank: int) -> float:
+    """What backward keeps of one layer on one GPU, computed forward once (no recompute)."""
+    a, f32, tp, h = prec.act, 4, layout.tp, spec.hidden_size
+    ts = tokens / tp if layout.sp else tokens
+    total = ts * 2 * h * a  # inputs of both norms (the residual stream)
+    if spec.layer_types[layer] == FULL_ATTENTION:
+        n, g, d = spec.num_attention_heads / tp, spec.num_key_value_heads / tp, spec.head_dim
+        # q, k before QK-norm, rotated q, k, v, core output (+ the sigmoid gate when gated)
+        width = (4 if spec.attention_output_gate else 3) * n * d + 3 * g * d
+        total += tokens * (width * a + n * f32)  # + flash attention's log-sum-exp
+    else:
+        gd, nv = _gdn_dims(spec), spec.linear_num_value_heads / tp
+        # conv input, conv output, activated q|k|v, l2-normed q, k, z, core output
+        width = (3 * gd["conv"] + 2 * gd["key"] + 2 * gd["value"]) / tp
+        total += tokens * (width * a + (2 * nv + GDN_CHUNK * nv) * f32)  # g, beta, intra-chunk matrix
+    if spec.moe_layers[layer]:
+        routed = ts * spec.moe_topk  # balanced over EP: each rank computes what it sends
+        total += ts * 2 * spec.num_experts * f32  # router logits and probabilities
+        total += routed * (2 * spec.moe_ffn_hidden_size + h) * a  # fc1 output (SwiGLU input), fc2 output
+        if spec.shared_expert_ffn_hidden_size:
+            total += tokens * 2 * spec.shared_expert_ffn_hidden_size / tp * a + ts * (h + 1) * a
+    else:
+        total += tokens * 2 * spec.ffn_hidden_size / tp * a
+    seen: set[str] = set()
+    for ad in adapters:
+        if ad.parallel == "expert":
+            visits, width = ts * spec.moe_topk, ad.in_dim
+        elif ad.parallel == "row":
+            visits, width = tokens, ad.in_dim / tp
+        else:  # column and replicated adapters read the sequence-parallel shard
+            visits, width = ts, ad.in_dim
+        total += visits * rank * prec.lora  # x A^T, kept for B's gradient
+        if prec.lora != prec.act:
+            total += visits * width * prec.lora  # each adapter casts (and keeps) its own copy
+        elif ad.input_group not in seen:
+            seen.add(ad.input_group)
+            total += visits * width * a
+    return total
+
+
+def activation_bytes(spec: HFModelSpec, adapters: Sequence[Adapter], cfg: Config, *, layout: Layout,
+                     prec: Precision) -> dict[str, float]:
+    """Peak activation bytes on one GPU for one micro-batch, under the recompute settings."""
+    t = cfg.train
+    tokens = t.micro_batch_size * cfg.data.max_length
+    ts = tokens / layout.tp if layout.sp else tokens
+    by_layer: dict[str, list[Adapter]] = {}
+    for ad in adapters:
+        by_layer.setdefault(".".join(ad.name.split(".")[:3]), []).append(ad)
+    per_layer = [_layer_activation_bytes(spec, i, by_layer.get(f"decoder.layers.{i}", []), layout=layout,
+                                         tokens=tokens, prec=prec, rank=cfg.lora.lora_rank)
+                 for i in range(spec.num_layers)]
+    chunk_input = ts * spec.hidden_size * prec.act
+    num = len(per_layer)
+    if t.recompute_granularity == "full":
+        k = t.recompute_num_layers or 1
+        if t.recompute_method == "block":
+            k = min(k, num)
+            stored = k * chunk_input + sum(per_layer[k:]) + (max(per_layer[:k]) if k else 0.0)
+        else:
+            chunks = [per_layer[i:i + k] for i in range(0, num, k)]
+            stored = len(chunks) * chunk_input + max(sum(c) for c in chunks)
+    else:
+        stored = sum(per_layer)
+    final = ts * spec.hidden_size * prec.act  # the final norm's input
+    final += sum(ts * (cfg.lora.lora_rank + ad.in_dim) * prec.lora for ad in by_layer.get("output_layer", []))
+    return {"layers": stored + final, "backward working set": max(per_layer)}
+
+
+def memory_plan(cfg: Config, *, hf_config: dict, num_gpus: int, device: str = "gpu") -> dict[str, Any]:
+    """Per-GPU bytes of every component (see the module docstring for what each one counts)."""
+    spec = model_spec(hf_config)
+    if cfg.model.num_layers is not None:
+        spec = spec.truncated(cfg.model.num_layers)
+    p = cfg.parallel
+    shape = ModelShape(num_experts=spec.num_experts or 0, num_attention_heads=spec.num_attention_heads,
+                       num_query_groups=spec.num_key_value_heads,
+                       num_linear_key_heads=spec.linear_num_key_heads or 0,
+                       num_linear_value_heads=spec.linear_num_value_heads or 0, source="config.json")
+    degrees = check_layout(cfg, world_size=num_gpus, shape=shape)
+    layout = Layout(world=num_gpus, tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
+                    sp=p.sequence_parallel and p.tensor_model_parallel_size > 1)
+    prec = precision(cfg, device=device)
+    padded = padded_vocab_size(spec.vocab_size, tp=layout.tp)
+    weights: dict[str, float] = {}
+    for w in frozen_weights(spec, vocab=padded):
+        weights[w.group] = weights.get(w.group, 0) + _split(w.numel, w.shard, layout, what=w.group) * prec.weight
+    adapters = lora_adapters(spec, lora=cfg.lora, padded_vocab=padded)
+    lora_local = lora_numel(adapters, rank=cfg.lora.lora_rank, layout=layout)
+    tokens = cfg.train.micro_batch_size * cfg.data.max_length
+    ts = tokens / layout.tp if layout.sp else tokens
+    acts = activation_bytes(spec, adapters, cfg, layout=layout, prec=prec)
+    comm = 0.0
+    if layout.sp:
+        comm += 2 * tokens * spec.hidden_size * prec.act  # all-gather output + reduce-scatter staging
+    if layout.ep > 1 and spec.is_moe:
+        comm += 2 * ts * spec.moe_topk * spec.hidden_size * prec.act  # all-to-all send + receive
+    components: dict[str, float] = {f"frozen {k}": v for k, v in weights.items()}
+    components["LoRA weights"] = lora_local * prec.lora
+    components["LoRA gradients"] = lora_local * prec.lora
+    components["AdamW states"] = lora_local * (8 if prec.lora == 4 else 12)
+    components["activations"] = acts["layers"]
+    components["backward working set"] = acts["backward working set"]
+    components["logits + loss"] = tokens * padded / layout.tp * (prec.act + 4)
+    components["communication buffers"] = comm
+    if prec.gpu:
+        groups = sum(1 for d in (layout.tp, layout.dp, layout.ep, num_gpus // layout.ep) if d > 1)
+        components["CUDA context + cuBLAS"] = (CUDA_CONTEXT_GIB + CUBLAS_WORKSPACE_GIB) * GIB
+        components["NCCL communicators"] = groups * NCCL_PER_GROUP_GIB * GIB
+        dynamic = acts["layers"] + acts["backward working set"] + components["logits + loss"] + comm
+        components["allocator fragmentation"] = FRAGMENTATION * dynamic
+    return {"spec": spec, "layout": layout, "degrees": degrees, "precision": prec, "padded_vocab": padded,
+            "adapters": adapters, "lora_params_total": lora_numel(adapters, rank=cfg.lora.lora_rank),
+            "lora_params_per_gpu": lora_local, "components": components, "total": sum(components.values())}
+
+
+def active_gemm_params(spec: HFModelSpec, *, vocab: int) -> int:
+    """Frozen GEMM weights one token multiplies with (top-k routed experts, LM head included)."""
+    h = spec.hidden_size
+    total = vocab * h
+    for layer in range(spec.num_layers):
+        if spec.layer_types[layer] == FULL_ATTENTION:
+            q, kv, o_in = _attention_dims(spec)
+            total += h * (q + 2 * kv) + o_in * h
+        else:
+            g = _gdn_dims(spec)
+            total += h * (g["qkvz"] + g["ba"]) + g["value"] * h
+        if spec.moe_layers[layer]:
+            total += spec.num_experts * h + spec.moe_topk * 3 * h * spec.moe_ffn_hidden_size
+            if spec.shared_expert_ffn_hidden_size:
+                total += 3 * h * spec.shared_expert_ffn_hidden_size + h
+        else:
+            total += 3 * h * spec.ffn_hidden_size
+    return total
+
+
+def step_flops(spec: HFModelSpec, adapters: Sequence[Adapter], cfg: Config, *, num_gpus: int,
+               padded_vocab: int) -> dict[str, float]:
+    """FLOPs of one optimizer step by the formula in the module docstring (whole model and per GPU)."""
+    s, r = cfg.data.max_length, cfg.lora.lora_rank
+    per_token = {"frozen GEMMs (fwd + input grad)": 4.0 * active_gemm_params(spec, vocab=padded_vocab),
+                 "attention (fwd + bwd)": 0.0, "GDN (fwd + bwd)": 0.0}
+    for layer in range(spec.num_layers):
+        if spec.layer_types[layer] == FULL_ATTENTION:
+            per_token["attention (fwd + bwd)"] += 3 * 2 * spec.num_attention_heads * spec.head_dim * s
+        else:
+            dk, dv, g = spec.linear_key_head_dim, spec.linear_value_head_dim, _gdn_dims(spec)
+            fwd = spec.linear_num_value_heads * (6 * dk * dv + 2 * GDN_CHUNK * (dk + dv))
+            per_token["GDN (fwd + bwd)"] += 3 * fwd + 3 * 2 * spec.linear_conv_kernel_dim * g["conv"]
+    per_token["LoRA (fwd + bwd)"] = sum(6.0 * r * (a.in_dim + a.out_dim) * a.visits for a in adapters)
+    tokens = cfg.train.global_batch_size * s
+    total = sum(per_token.values()) * tokens
+    return {"per_token": per_token, "tokens_per_step": tokens, "step": total, "per_gpu": total / num_gpus}
+
+
+def format_plan(memory: dict[str, Any], flops: dict[str, float], *, gpu_memory_gb: Sequence[float] = (80, 141)) -> str:
+    """One table: component -> GiB per GPU, the total, and fits / does not fit per GPU size.
+
+    A GPU of N GB is taken to hold N GiB (nvidia-smi shows 79.6 GiB on an 80 GB H100 and 140.4 GiB
+    on a 141 GB H200); the framework overhead rows cover what the driver keeps."""
+    lay, spec, prec = memory["layout"], memory["spec"], memory["precision"]
+    lines = [f"model: {spec.model_type}, {spec.num_layers} layers, hidden {spec.hidden_size}"
+             + (f", {spec.num_experts} experts top-{spec.moe_topk}" if spec.is_moe else ""),
+             f"layout: {lay.world} GPUs, TP={lay.tp} EP={lay.ep} DP={lay.dp} SP={'on' if lay.sp else 'off'}; "
+             f"grad accumulation {memory['degrees']['grad_accum']}",
+             f"dtypes (bytes): weights {prec.weight}, activations {prec.act}, LoRA {prec.lora}; "
+             f"vocab padded to {memory['padded_vocab']}",
+             f"LoRA parameters: {memory['lora_params_total']:,} in all, {memory['lora_params_per_gpu']:,} per GPU", "",
+             f"{'component':<34}{'GiB per GPU':>12}"]
+    for name, value in memory["components"].items():
+        lines.append(f"{name:<34}{value / GIB:>12.3f}")
+    total = memory["total"] / GIB
+    lines += [f"{'total':<34}{total:>12.3f}", ""]
+    for gb in gpu_memory_gb:
+        margin = gb - total
+        verdict = f"fits, {margin:.1f} GiB to spare" if margin >= 0 else f"does not fit, {-margin:.1f} GiB short"
+        lines.append(f"{gb:g} GB GPU: {verdict}")
+    lines += ["", f"step FLOPs ({flops['tokens_per_step']:,} tokens): {flops['step'] / 1e15:.3f} PFLOP, "
+              f"{flops['per_gpu'] / 1e12:.2f} TFLOP per GPU"]
+    for name, value in flops["per_token"].items():
+        lines.append(f"  per token, {name}: {value / 1e9:.3f} GFLOP")
+    return "\n".join(lines)
+
+
+def plan_main(cfg: Config, *, num_gpus: int, hf_config: dict, gpu_memory_gb: Sequence[float] = (80, 141)) -> str:
+    """`megalora plan CONFIG`: the rendered plan of `cfg` on `num_gpus` GPUs for the model in `hf_config`."""
+    if num_gpus < 1:
+        raise ConfigError(f"--num_gpus must be >= 1; got {num_gpus}")
+    memory = memory_plan(cfg, hf_config=hf_config, num_gpus=num_gpus, device="gpu")
+    flops = step_flops(memory["spec"], memory["adapters"], cfg, num_gpus=num_gpus, padded_vocab=memory["padded_vocab"])
+    return format_plan(memory, flops, gpu_memory_gb=gpu_memory_gb)

@@ -143,7 +143,7 @@ def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_mo
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
                      packing=cfg.data.packing, max_length=cfg.data.max_length, pad_to_multiple_of=pad_multiple,
-                     pad_token_id=pad_id)
+                     pad_token_id=pad_id, num_workers=cfg.data.num_workers)
     loader = BatchLoader(train_ds, seed=cfg.data.data_seed, **loader_kw)
     val_loader = BatchLoader(val_ds, seed=cfg.data.data_seed, shuffle=False, **loader_kw) if val_ds else None
 

@@ -81,8 +81,8 @@ def build_model(
     first `info.vocab_size` columns matter."""
     from megatron.core.models.gpt import GPTModel
 
+    from megalora.train.model.attention import SDPACoreAttention
     from megalora.train.norm import RMSNorm
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     _ensure_parallel_state()
     where = ParallelRank.from_megatron()
@@ -96,7 +96,7 @@ def build_model(
     padded = padded_vocab_size(spec.vocab_size, tp=where.tp_size)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(spec, norm=RMSNorm, core_attention=DotProductAttention),
+        transformer_layer_spec=block_spec(spec, norm=RMSNorm, core_attention=SDPACoreAttention),
         vocab_size=padded,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=True,

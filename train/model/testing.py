@@ -152,6 +152,15 @@ def sample_tokens(vocab_size: int, *, batch: int = 2, seq_len: int = 16, seed: i
     return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
 
 
+# Three sequences of 5, 7 and 4 tokens packed into one row (16 tokens: TP=2 can split it).
+PACKED_CU_SEQLENS = (0, 5, 12, 16)
+
+
+def packed_sample_tokens(vocab_size: int, *, seed: int = 1) -> torch.Tensor:
+    """Seeded token ids [1, 16] holding the sequences delimited by `PACKED_CU_SEQLENS`."""
+    return sample_tokens(vocab_size, batch=1, seq_len=PACKED_CU_SEQLENS[-1], seed=seed)
+
+
 Layout = tuple[int, int, bool]  # (tp, ep, sequence_parallel)
 
 
@@ -162,8 +171,8 @@ def rank_forward(
     layouts: list[Layout],
 ) -> dict[Layout, dict[str, dict[str, Any]]]:
     """Spawn target: for each (tp, ep, sequence_parallel) layout in turn, build every model
-    in `model_dirs` on this rank, run `sample_tokens`, and report the gathered logits
-    (rank 0 only), this rank's parameter element counts and the bytes it read from disk.
+    in `model_dirs` on this rank, run `sample_tokens` and the packed `packed_sample_tokens`,
+    and report the gathered logits (rank 0 only), this rank's parameter element counts and the bytes it read from disk.
     One world serves several layouts so tests pay the process start-up once."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
@@ -176,9 +185,13 @@ def rank_forward(
         for model_dir in model_dirs:
             model, info = build_model(model_dir, sequence_parallel=sequence_parallel)
             logits = megatron_logits(model, info, sample_tokens(info.vocab_size))
+            packed = megatron_logits(
+                model, info, packed_sample_tokens(info.vocab_size), cu_seqlens=torch.tensor(PACKED_CU_SEQLENS)
+            )
             assert info.load is not None
             per_model[model_dir] = {
                 "logits": logits if rank == 0 else None,
+                "packed_logits": packed if rank == 0 else None,
                 "param_numel": {n: p.numel() for n, p in model.named_parameters()},
                 "bytes_read": info.load.bytes_read,
                 "tp_rank": info.where.tp_rank,
@@ -197,6 +210,20 @@ def reference_logits(model_dir: str | Path) -> torch.Tensor:
     vocab_size = model.config.vocab_size
     with torch.no_grad():
         return model(sample_tokens(vocab_size)).logits
+
+
+def reference_packed_logits(model_dir: str | Path) -> torch.Tensor:
+    """transformers' logits for `packed_sample_tokens`, each sequence run on its own and
+    the results concatenated: [1, 16, vocab]."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    tokens = packed_sample_tokens(model.config.vocab_size)
+    bounds = PACKED_CU_SEQLENS
+    with torch.no_grad():
+        parts = [model(tokens[:, a:b]).logits for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, dim=1)
 
 
 def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, perturb: str) -> dict[str, Any]:

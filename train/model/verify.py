@@ -58,18 +58,42 @@ def default_tokens(vocab_size: int, *, num_tokens: int = DEFAULT_NUM_TOKENS, see
     return torch.randint(0, vocab_size, (1, num_tokens), generator=generator)
 
 
-def megatron_logits(model: torch.nn.Module, info: Any, tokens: Tensor) -> Tensor:
+def packed_positions(cu_seqlens: Tensor) -> Tensor:
+    """Position ids [1, t] that restart at 0 at every packed segment start."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+
+
+def megatron_logits(model: torch.nn.Module, info: Any, tokens: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
     """Forward `tokens` [batch, seq] through this rank's shard; returns the full logits
-    [batch, seq, vocab] (TP-gathered, padding columns dropped) on every rank."""
+    [batch, seq, vocab] (TP-gathered, padding columns dropped) on every rank.
+
+    With `cu_seqlens` ([N + 1], int) `tokens` is one packed row [1, t] of N sequences."""
+    from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     tp = info.where.tp_size
     if info.sequence_parallel and tokens.shape[1] % tp:
         raise ValueError(f"sequence parallel needs a token count divisible by TP={tp}, got {tokens.shape[1]}")
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    packed = None
+    if cu_seqlens is None:
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    else:
+        if tokens.shape[0] != 1:
+            raise ValueError(f"packed tokens must be one row [1, t], got {tuple(tokens.shape)}")
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        positions = packed_positions(cu_seqlens)
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
     model.eval()
     with torch.no_grad():
-        logits = model(tokens, positions, None)
+        logits = model(tokens, positions, None, packed_seq_params=packed)
         if tp > 1:
             logits = gather_from_tensor_model_parallel_region(logits.contiguous())
     return logits[..., : info.vocab_size].float()

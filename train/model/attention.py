@@ -1,0 +1,101 @@
+"""Causal core attention on torch's `scaled_dot_product_attention`, padded (sbhd) or packed (thd).
+
+megatron-core's local `DotProductAttention` asserts `packed_seq_params is None` and builds
+its causal mask with a CUDA literal (which breaks under recomputation on CPU); this spec
+entry keeps its constructor and call signature, accepts packed sequences (attention stays
+inside each `cu_seqlens` segment), and lets torch pick its fused kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def segment_causal_mask(cu_seqlens: Tensor, *, total: int, device: torch.device) -> Tensor:
+    """Boolean [total, total] mask, True where query i may attend key j: same segment, j <= i."""
+    positions = torch.arange(total, device=device)
+    segment = torch.bucketize(positions, cu_seqlens[1:].to(device), right=True)
+    return (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None])
+
+
+class SDPACoreAttention(MegatronModule):
+    """Drop-in core attention: [s, b, np, hn] -> [s, b, np*hn], or packed [t, np, hn] -> [t, np*hn]."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: Any = None,
+    ) -> None:
+        super().__init__(config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPACoreAttention does not support context parallelism")
+        if attn_mask_type != AttnMaskType.causal:
+            raise ValueError(f"SDPACoreAttention supports causal attention only, got {attn_mask_type}")
+        self.layer_number = layer_number
+        tp_group = getattr(pg_collection, "tp", None) or parallel_state.get_tensor_model_parallel_group()
+        tp = tp_group.size()
+        self.num_heads = config.num_attention_heads // tp
+        self.num_groups = max(config.num_query_groups // tp, 1)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]."""
+        repeat = q.shape[1] // k.shape[1]
+        if repeat > 1:
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None,
+            scale=self.scale,
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: Any = None,
+    ) -> Tensor:
+        """Causal attention; `attention_mask` (True = masked, megatron's convention) is
+        combined with causality; packed input attends within its segments."""
+        if attention_bias is not None:
+            raise ValueError("SDPACoreAttention does not take an attention_bias")
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            total = query.shape[0]
+            mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, total=total, device=query.device)
+            q, k, v = (t.unsqueeze(0).transpose(1, 2) for t in (query, key, value))
+            out = self._attend(q, k, v, mask)  # [1, np, t, hn]
+            return out.squeeze(0).transpose(0, 1).reshape(total, -1)
+        seq, batch = query.shape[:2]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask = None
+        if attention_mask is not None:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+            mask = ~attention_mask.bool() & causal
+        out = self._attend(q, k, v, mask)  # [b, np, s, hn]
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
