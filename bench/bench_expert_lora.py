@@ -109,7 +109,7 @@ def bench_layer(args: argparse.Namespace, tpe: torch.Tensor) -> None:
         x = torch.randn(t, args.hidden, device=dev, dtype=dtype, requires_grad=True)
         probs = torch.rand(t, device=dev, dtype=dtype)
 
-        def run() -> None:
+        def run(layer: LoraExperts = layer, x: torch.Tensor = x, probs: torch.Tensor = probs) -> None:
             out, _ = layer(x, tpe, probs)
             out.sum().backward()
 

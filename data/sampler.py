@@ -29,15 +29,20 @@ class EpochSampler:
     """Which items each micro-batch of one DP rank holds, epoch by epoch."""
 
     def __init__(self, num_items: int, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, accumulation: int = 1):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, dp_size={dp_size})")
         if micro_batch_size < 1:
             raise ValueError(f"`micro_batch_size` must be >= 1; got {micro_batch_size}")
         self.num_items, self.micro_batch_size = num_items, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        if accumulation < 1:
+            raise ValueError(f"gradient accumulation must be >= 1; got {accumulation}")
         self.per_step = micro_batch_size * dp_size
-        self.steps_per_epoch = num_items // self.per_step
+        # An epoch ends on a whole optimizer step (accumulation micro-rounds), so that every
+        # split of one global batch into micro-batches, DP ranks and accumulation sees the
+        # same items in the same optimizer step, across epoch ends too.
+        self.steps_per_epoch = num_items // (self.per_step * accumulation) * accumulation
         self.num_dropped_per_epoch = num_items - self.steps_per_epoch * self.per_step
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -68,7 +73,7 @@ class BatchLoader:
 
     def __init__(self, dataset, *, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, packing: bool = False,
                  max_length: int | None = None, pad_to_multiple_of: int = 1, seed: int = 42, epoch: int = 0,
-                 pad_token_id: int = 0, num_workers: int = 0, shuffle: bool = True):
+                 pad_token_id: int = 0, num_workers: int = 0, shuffle: bool = True, accumulation: int = 1):
         self.dataset, self.pad_token_id, self.num_workers = dataset, pad_token_id, num_workers
         self.pad_to_multiple_of, self.packing = pad_to_multiple_of, packing
         lengths = dataset.lengths
@@ -81,7 +86,8 @@ class BatchLoader:
             self.bins = [[i] for i in range(len(dataset))]
             self.packing_efficiency = None
         self.sampler = EpochSampler(len(self.bins), micro_batch_size=micro_batch_size, dp_rank=dp_rank,
-                                    dp_size=dp_size, seed=seed, shuffle=shuffle)
+                                    dp_size=dp_size, seed=seed, shuffle=shuffle,
+                                    accumulation=accumulation)
         if self.sampler.steps_per_epoch == 0:
             what = "packed sequences" if packing else "samples"
             raise ValueError(f"{len(self.bins)} {what} cannot fill one micro-batch of {micro_batch_size} on each of "

@@ -24,6 +24,9 @@ What changes (only when ``torch.cuda.is_available()`` is false):
   token chunks across TP with the alltoall dispatcher under SP).
 - ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` is defined (as ``None``)
   when Transformer Engine is absent; 0.16.1 reads it unconditionally.
+- megatron's ``jit_fuser`` (``torch.compile`` in 0.16.1, for a few small elementwise
+  helpers) is the identity: on CPU, compiling needs a C++ toolchain and costs seconds
+  per process for nothing. This reaches modules imported after ``install()``.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ CHANGES = (
     "gloo_uneven_all_gather",
     "gloo_uneven_reduce_scatter",
     "te_general_gemm",
+    "jit_fuser",
 )
 
 # megatron functions that build tensors with device="cuda" literals, per module.
@@ -107,6 +111,7 @@ def _megatron_hooks() -> dict[str, list[Callable[[ModuleType], None]]]:
     }
     hooks.setdefault("megatron.core.tensor_parallel.random", []).append(_patch_megatron_rng)
     hooks["megatron.core.transformer.moe.moe_utils"].append(_patch_moe_utils)
+    hooks["megatron.core.jit"] = [_disable_jit_fuser]
     return hooks
 
 
@@ -401,3 +406,8 @@ def _reduce_scatter_by_all_reduce(output: torch.Tensor, input_list: list[torch.T
 def _patch_moe_utils(moe_utils: ModuleType) -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _disable_jit_fuser(jit: ModuleType) -> None:
+    # megatron modules bind ``jit_fuser`` when they import it, right after this runs.
+    jit.disable_jit_fuser()

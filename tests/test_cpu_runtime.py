@@ -106,6 +106,15 @@ def _single_rank_checks() -> dict[str, Any]:
     out["sliding_mask"] = fused_softmax.get_sliding_window_causal_mask(4, 6, (2, 0))
     out["mask_grad_in_backward"] = _mask_grad_in_backward(4)
 
+    # megatron's jit_fuser (torch.compile) is the identity: its fused helpers stay Python.
+    from megatron.core.fusions import fused_bias_swiglu
+
+    out["swiglu_is_python"] = type(fused_bias_swiglu.swiglu).__name__ == "function" and not hasattr(
+        fused_bias_swiglu.swiglu, "_torchdynamo_orig_callable"
+    )
+    x = torch.randn(3, 8)
+    out["swiglu"] = (x, fused_bias_swiglu.swiglu(x))
+
     # Transformer Engine absent: the router gating linear runs the torch path.
     inp, weight = torch.randn(3, 8), torch.randn(4, 8)
     out["te_general_gemm"] = moe_utils.te_general_gemm
@@ -223,6 +232,13 @@ def test_cuda_literal_masks_on_cpu_also_in_backward(probed: list[dict[str, Any]]
     expected = ~torch.tril(torch.triu(m, diagonal=6 - 4 - 2), diagonal=6 - 4 + 0)
     torch.testing.assert_close(r["sliding_mask"], expected)
     torch.testing.assert_close(r["mask_grad_in_backward"], torch.ones(4, 4).tril())
+
+
+def test_jit_fuser_does_not_compile(probed: list[dict[str, Any]]) -> None:
+    assert probed[0]["swiglu_is_python"]
+    x, got = probed[0]["swiglu"]
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(got, F.silu(gate) * up)
 
 
 def test_router_gating_without_transformer_engine(probed: list[dict[str, Any]]) -> None:

@@ -160,3 +160,27 @@ def test_worker_processes_give_the_same_batches():
     pooled = _take(workers, 12)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(inline, pooled) for k in a)
     assert workers.state_dict()["position"] + workers.state_dict()["epoch"] * workers.batches_per_epoch == 12
+
+
+def test_accumulation_keeps_global_steps_equal_across_epoch_ends():
+    """With 18 items and a global batch of 4, an epoch is 4 whole optimizer steps whatever the
+    split (micro x DP x accumulation); every optimizer step holds the same items."""
+    from megalora.data.sampler import EpochSampler
+
+    def steps(micro, dp, accum, epochs=3):
+        per_rank = [EpochSampler(18, micro_batch_size=micro, dp_rank=r, dp_size=dp, seed=3, accumulation=accum)
+                    for r in range(dp)]
+        out = []
+        for epoch in range(epochs):
+            rounds = [s.micro_batches(epoch) for s in per_rank]
+            assert len(rounds[0]) == 4 * accum
+            for k in range(4):
+                items = [int(i) for j in range(accum) for r in range(dp) for i in rounds[r][k * accum + j]]
+                out.append(sorted(items))
+        return out
+
+    reference = steps(4, 1, 1)
+    assert steps(1, 1, 4) == reference
+    assert steps(1, 2, 2) == reference
+    assert steps(2, 2, 1) == reference
+    assert len({i for step in reference[:4] for i in step}) == 16

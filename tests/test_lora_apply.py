@@ -87,6 +87,11 @@ def test_all_linear_targets_and_report() -> None:
     per_layer = (4 * 32 + 64 * 4) + (4 * 32 + 32 * 4) + 4 * ((4 * 32 + 32 * 4) + (4 * 16 + 32 * 4)) \
         + (4 * 32 + 32 * 4) + (4 * 16 + 32 * 4)
     assert report.total_trainable == 2 * per_layer
+    # frozen base per kind: qkv [64, 32]; experts fc1 [2*16, 32] + fc2 [32, 16], 4 per layer
+    assert report.frozen["linear_qkv"] == 2 * 64 * 32
+    assert report.frozen["routed_experts"] == 2 * EXPERTS * (32 * 32 + 32 * 16)
+    frozen_total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert sum(report.frozen.values()) < frozen_total == report.total_params - report.total_trainable
     assert "routed_experts" in report.format()
 
 
@@ -97,14 +102,16 @@ def test_on_request_targets_regex_and_exclude() -> None:
                       target_regex=r"layers\.1\.self_attention\.linear_proj$", exclude_modules=["layers.0.mlp.router"])
     report = apply_lora(model, cfg, verbose=False)
     assert report.wrapped == {"decoder.layers.1.self_attention.linear_proj": "linear_proj",
-                              "decoder.layers.0.mlp.shared_experts": "shared_expert_gate",
-                              "decoder.layers.1.mlp.router": "router",
-                              "decoder.layers.1.mlp.shared_experts": "shared_expert_gate",
+                              "decoder.layers.0.mlp.shared_experts.gate_lora": "shared_expert_gate",
+                              "decoder.layers.1.mlp.router.lora": "router",
+                              "decoder.layers.1.mlp.shared_experts.gate_lora": "shared_expert_gate",
                               "output_layer": "output_layer"}
     only_fc2 = build_model()
     report = apply_lora(only_fc2, LoraSection(target_modules=["linear_fc2"]), verbose=False)
     experts = only_fc2.decoder.layers[0].mlp.experts
     assert experts.lora_fc1_A is None and experts.lora_fc2_A.shape == (EXPERTS, 8, 16)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        apply_lora(only_fc2, LoraSection(), verbose=False)
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(build_model(), LoraSection(target_modules=["q_proj"]), verbose=False)
     with pytest.raises(ValueError, match="matched no module"):
@@ -123,14 +130,15 @@ def _merge_into(base: torch.nn.Module, lora_model: torch.nn.Module) -> None:
                 target += module.scaling * module.lora_B @ module.lora_A
             elif isinstance(module, LoraExperts):
                 for e, expert in enumerate(base.get_submodule(name).local_experts):
-                    expert.linear_fc1.weight += module.scaling * module.lora_fc1_B[e] @ module.lora_fc1_A[e]
-                    expert.linear_fc2.weight += module.scaling * module.lora_fc2_B[e] @ module.lora_fc2_A[e]
+                    if module.lora_fc1_A is not None:
+                        expert.linear_fc1.weight += module.scaling * module.lora_fc1_B[e] @ module.lora_fc1_A[e]
+                    if module.lora_fc2_A is not None:
+                        expert.linear_fc2.weight += module.scaling * module.lora_fc2_B[e] @ module.lora_fc2_A[e]
         for name, module in base.named_modules():
-            if name.endswith("mlp.router"):
-                module.weight += params[f"{name}.lora.lora_B"] @ params[f"{name}.lora.lora_A"] * lora_model.get_submodule(f"{name}.lora").scaling
-            if name.endswith("mlp.shared_experts"):
-                module.gate_weight += params[f"{name}.gate_lora.lora_B"] @ params[f"{name}.gate_lora.lora_A"] \
-                    * lora_model.get_submodule(f"{name}.gate_lora").scaling
+            for adapter, weight in ((f"{name}.lora", "weight"), (f"{name}.gate_lora", "gate_weight")):
+                if f"{adapter}.lora_B" in params:
+                    delta = params[f"{adapter}.lora_B"] @ params[f"{adapter}.lora_A"]
+                    getattr(module, weight).add_(delta * lora_model.get_submodule(adapter).scaling)
 
 
 @pytest.mark.parametrize("expert_impl", ["grouped", "loop"])

@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalora.parallel import groups
 from megalora.train.lora.experts import LoraExperts, expert_lora_delta_grouped, expert_lora_delta_loop
-from megalora.train.lora.grouped_gemm import grouped_mm
+from megalora.train.lora.grouped_gemm import grouped_mm, grouped_mm_cuda
 from megalora.train.lora.options import LoraOptions
 
 H, FFN, E = 16, 8, 6
@@ -116,6 +116,18 @@ def test_grouped_mm_matches_per_expert_matmul() -> None:
     b = torch.randn(4, 3, 2, generator=gen)
     torch.testing.assert_close(expert_lora_delta_grouped(x, a, b, tpe),
                                expert_lora_delta_loop(x, a, b, tpe.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_kernel_path_pads_unaligned_dims(dtype: torch.dtype) -> None:
+    """The `torch._grouped_mm` path (CUDA's) pads K=5, N=3 to 16 bytes; its forward runs on CPU too."""
+    gen = torch.Generator().manual_seed(1)
+    tpe = torch.tensor([4, 0, 2, 9, 0])
+    x = torch.randn(15, 5, generator=gen).to(dtype)
+    w = torch.randn(5, 5, 3, generator=gen).to(dtype)
+    ref = torch.cat([xe.float() @ w[e].float() for e, xe in enumerate(torch.split(x, tpe.tolist()))])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(grouped_mm_cuda(x, w, tpe).float(), ref, rtol=tol, atol=tol)
 
 
 def test_rejects_unknown_impl() -> None:

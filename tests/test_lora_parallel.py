@@ -109,6 +109,18 @@ def wrapper_checks(rank: int) -> list[str]:
                 torch.testing.assert_close(layer.lora_B.grad, b.grad)
                 torch.testing.assert_close(x_in.grad, xr.grad[..., in_cols])
             checked.append(f"{kind}:sp={sp}")
+            if kind == "column" and not sp:  # the output layer's form: all-gather the vocab split
+                with torch.no_grad():
+                    gathered, _ = layer(x, runtime_gather_output=True)
+                torch.testing.assert_close(gathered, ref.detach())
+                checked.append("column:gather")
+            # dropout: ranks holding different slices of the input must not share one mask
+            drop = LoraLinear(_layer(kind, sp), options=LoraOptions(rank=R, dropout=0.5), init_seed=9)
+            mask = (drop.input_dropout(torch.ones(64, IN)) != 0).float()
+            masks = [torch.empty_like(mask) for _ in range(2)]
+            torch.distributed.all_gather(masks, mask)
+            split = kind == "row" or sp
+            assert torch.equal(masks[0], masks[1]) != split, (kind, sp)
     return checked
 
 
@@ -191,7 +203,7 @@ def world_results(reference: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
 
 
 def test_tp2_wrappers_match_full_weights_with_and_without_sp(world_results: dict) -> None:
-    expected = ["column:sp=False", "row:sp=False", "column:sp=True", "row:sp=True"]
+    expected = ["column:sp=False", "column:gather", "row:sp=False", "column:sp=True", "row:sp=True"]
     assert [r["wrappers"] for r in world_results[2]] == [expected, expected]
 
 

@@ -29,7 +29,7 @@ def test_verify_ok_on_every_rank(outcome):
     clean = [r["clean"] for r in outcome]
     assert clean[0] == clean[1], "every rank returns rank 0's result"
     assert clean[0].ok and clean[0].rel_l2 <= 1e-5 and clean[0].argmax_agree == 1.0
-    match = SUMMARY.match(clean[0].summary())
+    match = SUMMARY.match(clean[0].summary_line())
     assert match and match.group(4) == "ok"
     assert float(match.group(1)) == pytest.approx(clean[0].rel_l2, rel=1e-3)
 
@@ -37,7 +37,7 @@ def test_verify_ok_on_every_rank(outcome):
 def test_perturbed_tensor_fails(outcome):
     perturbed = outcome[0]["perturbed"]
     assert not perturbed.ok and perturbed.rel_l2 > 1e-3
-    assert SUMMARY.match(perturbed.summary()).group(4) == "FAIL"
+    assert SUMMARY.match(perturbed.summary_line()).group(4) == "FAIL"
 
 
 def test_compare_logits_measures_against_a_plain_computation():

@@ -60,6 +60,7 @@ from megalora.train.model.hf_config import FULL_ATTENTION, HFModelSpec, padded_v
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The target names of megalora.train.lora.apply, repeated so that planning never imports megatron-core.
 ALL_LINEAR = ("linear_qkv", "linear_proj", "in_proj", "out_proj", "linear_fc1", "linear_fc2")
 ON_REQUEST = ("router", "shared_expert_gate", "output_layer")
 GDN_CHUNK = 64  # the chunked gated-delta-rule kernel's block length

@@ -102,6 +102,8 @@ def train(cfg: Config, extras: Extras) -> int:
     from megalora.dry_run import describe_extras, read_model_shape
     from megalora.parallel import groups
 
+    # A caller that started torch.distributed itself (a test harness) keeps its process group.
+    owns_process_group = not (dist.is_available() and dist.is_initialized())
     rt = setup_distributed(cfg)
     try:
         return _train(cfg, extras, rt, describe_extras=describe_extras, read_model_shape=read_model_shape)
@@ -109,7 +111,12 @@ def train(cfg: Config, extras: Extras) -> int:
         print(f"megalora sft: error (rank {rt.rank}): {e}", file=sys.stderr, flush=True)
         return 2
     finally:
-        groups.destroy()
+        if owns_process_group:
+            groups.destroy()
+        else:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
 
 
 def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_model_shape) -> int:
@@ -144,7 +151,7 @@ def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_mo
     loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
                      packing=cfg.data.packing, max_length=cfg.data.max_length, pad_to_multiple_of=pad_multiple,
                      pad_token_id=pad_id, num_workers=cfg.data.num_workers)
-    loader = BatchLoader(train_ds, seed=cfg.data.data_seed, **loader_kw)
+    loader = BatchLoader(train_ds, seed=cfg.data.data_seed, accumulation=degrees["grad_accum"], **loader_kw)
     val_loader = BatchLoader(val_ds, seed=cfg.data.data_seed, shuffle=False, **loader_kw) if val_ds else None
 
     t = cfg.train

@@ -50,17 +50,20 @@ KNOWN_TARGETS = ("all-linear",) + ALL_LINEAR + ON_REQUEST
 class LoraReport:
     """What `apply_lora` wrapped and the parameter counts per module kind (this rank)."""
 
-    wrapped: dict[str, str] = field(default_factory=dict)  # module name -> kind
+    wrapped: dict[str, str] = field(default_factory=dict)  # adapter module name -> kind
     trainable: dict[str, int] = field(default_factory=dict)  # kind -> LoRA parameters
+    frozen: dict[str, int] = field(default_factory=dict)  # kind -> base parameters they adapt
     total_trainable: int = 0
     total_params: int = 0
 
     def format(self) -> str:
-        """A table of trainable LoRA parameters per module kind, and the overall fraction."""
-        lines = [f"{'kind':<22}{'modules':>8}{'lora params':>14}"]
+        """Per module kind: modules, trainable LoRA and frozen base parameters; then the totals."""
+        lines = [f"{'kind':<26}{'modules':>8}{'trainable':>14}{'frozen base':>14}"]
         for kind in sorted(self.trainable):
             count = sum(1 for k in self.wrapped.values() if k == kind)
-            lines.append(f"{kind:<22}{count:>8}{self.trainable[kind]:>14,}")
+            lines.append(f"{kind:<26}{count:>8}{self.trainable[kind]:>14,}{self.frozen[kind]:>14,}")
+        rest = self.total_params - self.total_trainable - sum(self.frozen.values())
+        lines.append(f"{'(not adapted)':<26}{'':>8}{0:>14,}{rest:>14,}")
         frac = self.total_trainable / max(self.total_params, 1)
         lines.append(f"trainable {self.total_trainable:,} of {self.total_params:,} parameters ({100 * frac:.4f}%)")
         return "\n".join(lines)
@@ -129,7 +132,27 @@ def _kind(name: str, short: str) -> str:
     return short
 
 
-def _set_child(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+def _adapted_base_params(module: torch.nn.Module, kind: str, projections: tuple[str, ...]) -> int:
+    """Base parameters of `module` that the adapter acts on (for the report)."""
+    if kind == "routed_experts":
+        return sum(p.numel() for expert in module.local_experts for proj in projections
+                   for p in expert.get_submodule(proj).parameters())
+    if kind == "router":
+        return sum(p.numel() for p in (module.weight, module.bias) if p is not None)
+    if kind == "shared_expert_gate":
+        return module.gate_weight.numel()
+    return sum(p.numel() for p in module.parameters())
+
+
+def _replace(model: torch.nn.Module, name: str, old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Put `new` (which wraps `old`) in `old`'s place.
+
+    Forward hooks others registered on `old` (e.g. the padded-vocab mask on the output layer)
+    move to `new`, so they still see the output the parent module receives, delta included.
+    """
+    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+        getattr(new, attr).update(getattr(old, attr))
+        getattr(old, attr).clear()
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -147,12 +170,15 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
         raise ValueError(f"lora.tuner_type={lora_cfg.tuner_type!r}: only 'lora' is offered")
     if getattr(lora_cfg, "lora_per_projection", False):
         raise ValueError("lora.lora_per_projection=true is not supported yet; set it to false")
+    if any(isinstance(m, (LoraLinear, LoraExperts)) or hasattr(m, "gate_lora") or hasattr(m, "lora")
+           for m in model.modules()):
+        raise ValueError("apply_lora: the model already has LoRA adapters")
     options = LoraOptions.from_section(lora_cfg)
     select = _Selector(lora_cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     report = LoraReport()
-    plan: list[tuple[str, str, torch.nn.Module]] = []
+    plan: list[tuple[str, str, torch.nn.Module, tuple[str, ...]]] = []
     inside_experts: list[str] = []
     for name, module in model.named_modules():
         short = name.rpartition(".")[2]
@@ -162,39 +188,40 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
             inside_experts.append(name + ".")
             projections = [p for p in ("linear_fc1", "linear_fc2") if select.wants(f"{name}.{p}", p)]
             if projections:
-                plan.append((name, "routed_experts", module))
-                module._lora_projections = tuple(projections)
+                plan.append((name, "routed_experts", module, tuple(projections)))
         elif isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and select.wants(name, short):
-            plan.append((name, _kind(name, short), module))
+            plan.append((name, _kind(name, short), module, ()))
         elif isinstance(module, TopKRouter) and select.wants(name, "router"):
-            plan.append((name, "router", module))
+            plan.append((name, "router", module, ()))
         elif isinstance(module, SharedExpertMLP) and module.use_shared_expert_gate and \
                 select.wants(f"{name}.gate", "shared_expert_gate"):
-            plan.append((name, "shared_expert_gate", module))
+            plan.append((name, "shared_expert_gate", module, ()))
     if not plan:
         raise ValueError(f"lora.target_modules={lora_cfg.target_modules!r} / target_regex="
                          f"{lora_cfg.target_regex!r} matched no module of the model")
-    for name, kind, module in plan:
+    for name, kind, module, projections in plan:
         init_seed = _seed_for(seed, name)
+        frozen = _adapted_base_params(module, kind, projections)
         if kind == "routed_experts":
             ep_group = module.ep_group
             first = (ep_group.rank() if ep_group is not None else 0) * module.num_local_experts
-            projections = module.__dict__.pop("_lora_projections")
             new = LoraExperts(module, options=options, init_seed=init_seed, first_global_expert=first,
                               impl=expert_impl, projections=projections)
-            _set_child(model, name, new)
-            adapters = [new]
+            _replace(model, name, module, new)
+            adapter = new
         elif kind == "router":
-            adapters = [add_router_lora(module, options=options, init_seed=init_seed)]
+            adapter = add_router_lora(module, options=options, init_seed=init_seed)
+            name = f"{name}.lora"
         elif kind == "shared_expert_gate":
-            adapters = [add_shared_expert_gate_lora(module, options=options, init_seed=init_seed)]
+            adapter = add_shared_expert_gate_lora(module, options=options, init_seed=init_seed)
+            name = f"{name}.gate_lora"
         else:
-            new = LoraLinear(module, options=options, init_seed=init_seed)
-            _set_child(model, name, new)
-            adapters = [new]
+            adapter = LoraLinear(module, options=options, init_seed=init_seed)
+            _replace(model, name, module, adapter)
         report.wrapped[name] = kind
-        count = sum(p.numel() for a in adapters for n, p in a.named_parameters() if "lora_" in n)
+        count = sum(p.numel() for n, p in adapter.named_parameters(recurse=False) if "lora_" in n)
         report.trainable[kind] = report.trainable.get(kind, 0) + count
+        report.frozen[kind] = report.frozen.get(kind, 0) + frozen
     enable_block_input_grads(model)
     report.total_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = sum(p.numel() for p in model.parameters())

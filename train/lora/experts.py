@@ -68,6 +68,9 @@ class LoraExperts(torch.nn.Module):
             raise ValueError(f"expert LoRA projections={projections!r}: choose from linear_fc1, linear_fc2")
         if impl not in IMPLS:
             raise ValueError(f"expert LoRA impl={impl!r}: expected one of {IMPLS}")
+        if base_layer.config.fp8 or base_layer.config.fp4:
+            # megatron pads each expert's tokens for fp8/fp4 GEMMs; the deltas assume no padding
+            raise ValueError("expert LoRA does not support fp8/fp4 experts")
         fc1 = base_layer.local_experts[0].linear_fc1
         fc2 = base_layer.local_experts[0].linear_fc2
         if fc1.tp_group is not None and fc1.tp_group.size() > 1:

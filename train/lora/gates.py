@@ -29,7 +29,8 @@ class LoraGate(torch.nn.Module):
                  sequence_parallel: bool) -> None:
         super().__init__()
         self.scaling = options.scaling
-        self.lora_A = torch.nn.Parameter(kaiming_uniform_full(options.rank, in_features, seed=init_seed).to(options.dtype))
+        a = kaiming_uniform_full(options.rank, in_features, seed=init_seed)
+        self.lora_A = torch.nn.Parameter(a.to(options.dtype))
         self.lora_B = torch.nn.Parameter(torch.zeros(out_features, options.rank, dtype=options.dtype))
         if sequence_parallel:
             mark_sequence_parallel_partial(self.lora_A)

@@ -4,9 +4,10 @@ Shapes (legend): T tokens sorted by expert, E local experts, K in-features, N ou
 
     grouped_mm(x_TK, w_EKN, tokens_per_expert_E) -> y_TN,   y[t] = x[t] @ w[expert(t)]
 
-CUDA runs `torch._grouped_mm` (one kernel for all experts; autograd is native). Its operands
-need 16-byte aligned strides, so K and N are zero-padded to the alignment when they are not
-(a LoRA rank of 4 in bf16 is 8 bytes wide).
+CUDA, bf16, compute capability >= 9.0 runs `torch._grouped_mm` (one kernel for all experts;
+autograd is native). Its operands need 16-byte aligned strides, so K and N are zero-padded to
+the alignment when they are not (a LoRA rank of 4 in bf16 is 8 bytes wide). Other CUDA
+cases take the padded-`bmm` path below.
 
 CPU: `torch._grouped_mm` runs forward but its backward fails (torch 2.13), and it needs the
 same alignment. The CPU path scatters the tokens into a zero-padded [E, max_tokens, K] batch
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 _ALIGN_BYTES = 16
 
 
-def _expert_positions(tokens_per_expert: torch.Tensor, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _expert_positions(tokens_per_expert: torch.Tensor, *,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Expert id and row-within-expert of each (expert-sorted) token, and the largest group."""
     counts = tokens_per_expert.to(device=device, dtype=torch.long)
     num_experts = counts.numel()
@@ -66,6 +68,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
     """`y[t] = x[t] @ w[expert(t)]` for tokens sorted by expert; see the module docstring."""
     assert x.dim() == 2 and w.dim() == 3 and x.shape[1] == w.shape[1], (x.shape, w.shape)
     assert tokens_per_expert.numel() == w.shape[0], (tokens_per_expert.shape, w.shape)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and x.dtype == w.dtype:
+    if (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)):
         return grouped_mm_cuda(x, w, tokens_per_expert)
     return grouped_mm_padded(x, w, tokens_per_expert)

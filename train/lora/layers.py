@@ -105,10 +105,28 @@ class LoraLinear(torch.nn.Module):
                 return getattr(super().__getattr__("base_layer"), name)
             raise
 
+    def input_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """LoRA dropout; where TP ranks hold different slices of x, each draws its own mask.
+
+        A row-parallel input is split by features and a sequence-parallel one by tokens: drawn
+        from the default generator (seeded alike on TP ranks) every rank would repeat the same
+        mask pattern on its slice. Those cases use megatron's model-parallel RNG stream, as
+        megatron's own dropout inside TP regions does.
+        """
+        split = self._tp_size > 1 and (self.parallel_mode == "row" or self._sequence_parallel)
+        if split and self.training and self.options.dropout > 0:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+            tracker = get_cuda_rng_tracker()
+            if tracker.is_initialized():
+                with tracker.fork():
+                    return self.dropout(x)
+        return self.dropout(x)
+
     def lora_delta(self, x: torch.Tensor, *, gather_output: bool = False) -> torch.Tensor:
         """The adapter's contribution `scaling * B(A(dropout(x)))`, laid out like the base output."""
         group = self.base_layer.tp_group
-        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        h = F.linear(self.input_dropout(x.to(self.lora_A.dtype)), self.lora_A)
         if self.parallel_mode == "column":
             if self._sequence_parallel:
                 # backward reduce-scatters dh: the partial sums of the TP-split B meet here.

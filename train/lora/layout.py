@@ -6,8 +6,14 @@ Kinds (the split follows the wrapped base layer):
 - `column`       split along dim 0 over TP (column-parallel B, also the output layer's);
 - `glu_column`   dim 0 holds [gate; up]; each half split over TP, a rank holds [gate_r; up_r]
                  (B of a gated `linear_fc1`, following its base weight);
+- `segments:N1,N2,...`  dim 0 is the concatenation of parts of full sizes N1, N2, ...; each
+                 part split over TP, a rank holds its piece of every part, in order (B of the
+                 gated-delta-net `in_proj`: [q; k; v; z; b; a]);
 - `row`          split along dim 1 over TP (row-parallel A);
 - `expert`       stacked [E, ...] expert adapters, split along dim 0 over EP (expert TP is 1).
+
+Kinds are plain strings so a plan can be stored as JSON next to a checkpoint; the full tensors
+are in the single-rank layout, so a checkpoint gathered under one layout loads under another.
 """
 from __future__ import annotations
 
@@ -19,7 +25,24 @@ from megalora.train.lora.experts import LoraExperts
 from megalora.train.lora.gates import LoraGate
 from megalora.train.lora.layers import LoraLinear
 
-KINDS = ("replicated", "column", "glu_column", "row", "expert")
+def _segments(kind: str) -> list[int] | None:
+    """Full part sizes of a `segments:` kind (`glu_column` is two equal parts), else None."""
+    if kind.startswith("segments:"):
+        return [int(n) for n in kind[len("segments:"):].split(",")]
+    return None
+
+
+def _gdn_in_proj_kind(module: LoraLinear) -> str | None:
+    """`segments:` kind of a gated-delta-net in_proj B ([q; k; v; z; b; a]), from the config."""
+    cfg = module.base_layer.config
+    heads_k, heads_v = getattr(cfg, "linear_num_key_heads", None), getattr(cfg, "linear_num_value_heads", None)
+    if not heads_k or not heads_v:
+        return None
+    key, value = heads_k * cfg.linear_key_head_dim, heads_v * cfg.linear_value_head_dim
+    parts = [key, key, value, value, heads_v, heads_v]
+    if sum(parts) != module.base_layer.output_size:
+        return None
+    return "segments:" + ",".join(str(n) for n in parts)
 
 
 def lora_layout(model: torch.nn.Module) -> dict[str, str]:
@@ -30,8 +53,9 @@ def lora_layout(model: torch.nn.Module) -> dict[str, str]:
         if isinstance(module, LoraLinear):
             if module.parallel_mode == "column":
                 glu = name.endswith("linear_fc1") and module.base_layer.config.gated_linear_unit
+                gdn = _gdn_in_proj_kind(module) if name.endswith("in_proj") else None
                 plan[prefix + "lora_A"] = "replicated"
-                plan[prefix + "lora_B"] = "glu_column" if glu else "column"
+                plan[prefix + "lora_B"] = gdn or ("glu_column" if glu else "column")
             else:
                 plan[prefix + "lora_A"] = "row"
                 plan[prefix + "lora_B"] = "replicated"
@@ -51,6 +75,10 @@ def _split(value: torch.Tensor, kind: str, *, tp_rank: int, tp_size: int, ep_ran
     if kind == "glu_column":
         gate, up = value.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]])
+    sizes = _segments(kind)
+    if sizes is not None:
+        parts = torch.split(value, sizes, dim=0)
+        return torch.cat([part.chunk(tp_size, dim=0)[tp_rank] for part in parts])
     return value.chunk(tp_size, dim=1 if kind == "row" else 0)[tp_rank]
 
 
@@ -79,6 +107,10 @@ def gather_lora_state(parts: Sequence[Mapping[str, torch.Tensor]], layout: Mappi
         elif kind == "glu_column":
             halves = [by_tp[t][key].chunk(2, dim=0) for t in range(tp_size)]
             full[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        elif _segments(kind) is not None:
+            local_sizes = [n // tp_size for n in _segments(kind)]
+            pieces = [torch.split(by_tp[t][key], local_sizes, dim=0) for t in range(tp_size)]
+            full[key] = torch.cat([pieces[t][i] for i in range(len(local_sizes)) for t in range(tp_size)], dim=0)
         else:
             full[key] = torch.cat([by_tp[t][key] for t in range(tp_size)], dim=1 if kind == "row" else 0)
     return full

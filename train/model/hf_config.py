@@ -42,7 +42,6 @@ class HFModelSpec:
     rotary_percent: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
     zero_centered_norm: bool
     attention_output_gate: bool
     layer_types: tuple[str, ...]
@@ -127,6 +126,9 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
         raise ValueError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (only 'silu')")
     if cfg.get("use_sliding_window"):
         raise ValueError(f"{path}: use_sliding_window=true is not supported")
+    if cfg.get("attention_bias"):
+        # HF puts the bias on q/k/v *and* o_proj; megatron's qkv bias covers only q/k/v.
+        raise ValueError(f"{path}: attention_bias=true is not supported")
     num_layers = int(_require(cfg, "num_hidden_layers", path))
     hidden = int(_require(cfg, "hidden_size", path))
     heads = int(_require(cfg, "num_attention_heads", path))
@@ -161,7 +163,6 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
         rotary_percent=partial,
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
         zero_centered_norm=is_next,
         attention_output_gate=is_next,
         layer_types=tuple(layer_types),
@@ -249,7 +250,7 @@ def to_transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=spec.attention_bias,
+        add_qkv_bias=False,
         # Qwen configs mean no dropout; megatron's defaults are 0.1.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -299,6 +300,9 @@ def to_transformer_config(
             linear_value_head_dim=spec.linear_value_head_dim,
             linear_conv_kernel_dim=spec.linear_conv_kernel_dim,
         )
+    if overrides.get("moe_aux_loss_coeff") and "moe_router_load_balancing_type" not in overrides:
+        # A coefficient alone does nothing in megatron while balancing is "none".
+        kwargs["moe_router_load_balancing_type"] = "aux_loss"
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

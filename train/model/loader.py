@@ -134,6 +134,20 @@ def _read_source(
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=source.dim)
 
 
+def read_rule_shard(
+    reader: CheckpointReader, rule: Rule, *, rank: int, world: int, spec: HFModelSpec, padded_vocab_size: int
+) -> Tensor:
+    """Rank `rank` of `world`'s shard of megatron parameter `rule.megatron`, read from disk
+    (`world` is the size of the group that splits the rule; 1 for replicated rules)."""
+    if rule.group is None:
+        rank, world = 0, 1
+    pieces = [
+        _read_source(reader, s, rank=rank, world=world, spec=spec, padded_vocab_size=padded_vocab_size)
+        for s in rule.sources
+    ]
+    return rule.to_megatron(*pieces)
+
+
 def _local_name(rule: Rule, where: ParallelRank, num_experts: int | None) -> str | None:
     """This rank's parameter name for `rule`, or None if the rule's expert lives elsewhere."""
     if rule.expert is None:
@@ -166,13 +180,7 @@ def load_hf_weights(
             if name is None:
                 continue
             rank, world = (where.etp_rank, where.etp_size) if rule.group == "etp" else (where.tp_rank, where.tp_size)
-            if rule.group is None:
-                rank, world = 0, 1
-            pieces = [
-                _read_source(reader, s, rank=rank, world=world, spec=spec, padded_vocab_size=padded_vocab_size)
-                for s in rule.sources
-            ]
-            tensor = rule.to_megatron(*pieces)
+            tensor = read_rule_shard(reader, rule, rank=rank, world=world, spec=spec, padded_vocab_size=padded_vocab_size)
             param = params.get(name)
             assert param is not None, f"mapping names {name!r} but the model has no such parameter"
             if tuple(tensor.shape) != tuple(param.shape):

@@ -140,16 +140,6 @@ def _attention_rules(spec: HFModelSpec, m: str, h: str) -> list[Rule]:
         _replicated(f"{m}q_layernorm.weight", f"{h}q_norm.weight"),
         _replicated(f"{m}k_layernorm.weight", f"{h}k_norm.weight"),
     ]
-    if spec.attention_bias:
-        rules.append(
-            Rule(
-                f"{m}linear_qkv.bias",
-                tuple(Source(f"{h}{p}_proj.bias", 0) for p in "qkv"),
-                to_megatron,
-                to_hf,
-                group="tp",
-            )
-        )
     return rules
 
 
@@ -288,6 +278,31 @@ def megatron_to_hf(megatron: dict[str, Tensor], spec: HFModelSpec) -> dict[str, 
         pieces = rule.to_hf(megatron[rule.megatron])
         for source, piece in zip(rule.sources, pieces):
             out[source.name] = piece[: spec.vocab_size] if source.vocab else piece
+    return out
+
+
+def hf_from_shards(rule: Rule, shards: list[Tensor], spec: HFModelSpec) -> dict[str, Tensor]:
+    """Full HF tensors of `rule` from its megatron shards of every rank of the splitting
+    group, in rank order (one shard for replicated rules); vocab padding is dropped.
+    Export gathers each parameter's shards and calls this."""
+    if rule.group is None or len(shards) == 1 and not rule.sources[0].vocab:
+        pieces = rule.to_hf(shards[0])
+        return {s.name: p[: spec.vocab_size] if s.vocab else p for s, p in zip(rule.sources, pieces)}
+    world = len(shards)
+    per_rank = [rule.to_hf(shard) for shard in shards]
+    out = {}
+    for i, source in enumerate(rule.sources):
+        parts = [pieces[i] for pieces in per_rank]
+        if source.vocab:
+            out[source.name] = torch.cat(parts, dim=0)[: spec.vocab_size]
+            continue
+        assert source.dim is not None
+        segments = source.segments or (sum(p.shape[source.dim] for p in parts),)
+        # Each rank's piece is its slice of every segment, concatenated: regroup by segment.
+        split = [p.split([seg // world for seg in segments], dim=source.dim) for p in parts]
+        out[source.name] = torch.cat(
+            [split[r][j] for j in range(len(segments)) for r in range(world)], dim=source.dim
+        )
     return out
 
 

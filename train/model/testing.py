@@ -152,6 +152,11 @@ def sample_tokens(vocab_size: int, *, batch: int = 2, seq_len: int = 16, seed: i
     return torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
 
 
+def sample_labels(tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token labels for `tokens` (the last position predicts the first token)."""
+    return torch.roll(tokens, -1, dims=1)
+
+
 # Three sequences of 5, 7 and 4 tokens packed into one row (16 tokens: TP=2 can split it).
 PACKED_CU_SEQLENS = (0, 5, 12, 16)
 
@@ -188,9 +193,15 @@ def rank_forward(
             packed = megatron_logits(
                 model, info, packed_sample_tokens(info.vocab_size), cu_seqlens=torch.tensor(PACKED_CU_SEQLENS)
             )
+            tokens = sample_tokens(info.vocab_size)
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+            with torch.no_grad():
+                # Vocab-parallel cross entropy over the padded vocab: padding must not count.
+                token_loss = model(tokens, positions, None, labels=sample_labels(tokens))
             assert info.load is not None
             per_model[model_dir] = {
                 "logits": logits if rank == 0 else None,
+                "token_loss": token_loss if rank == 0 else None,
                 "packed_logits": packed if rank == 0 else None,
                 "param_numel": {n: p.numel() for n, p in model.named_parameters()},
                 "bytes_read": info.load.bytes_read,
@@ -212,6 +223,13 @@ def reference_logits(model_dir: str | Path) -> torch.Tensor:
         return model(sample_tokens(vocab_size)).logits
 
 
+def reference_token_loss(model_dir: str | Path) -> torch.Tensor:
+    """transformers' per-token cross entropy [batch, seq] for `sample_tokens` / `sample_labels`."""
+    logits = reference_logits(model_dir)
+    labels = sample_labels(sample_tokens(logits.shape[-1]))
+    return torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+
+
 def reference_packed_logits(model_dir: str | Path) -> torch.Tensor:
     """transformers' logits for `packed_sample_tokens`, each sequence run on its own and
     the results concatenated: [1, 16, vocab]."""
@@ -231,7 +249,13 @@ def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, per
     `num_layers` layers; then the same check after adding noise to parameter `perturb`
     of the loaded megatron model (on every rank, so every shard of it changes)."""
     from megalora.train.model.build import build_model
-    from megalora.train.model.verify import compare_logits, megatron_logits, run_verify, transformers_logits
+    from megalora.train.model.verify import (
+        compare_logits,
+        default_tokens,
+        megatron_logits,
+        run_verify,
+        transformers_logits,
+    )
 
     clean = run_verify(model_dir, num_layers=num_layers, tp=world_size, sequence_parallel=True)
     model, info = build_model(model_dir, num_layers=num_layers, sequence_parallel=True)
@@ -240,11 +264,79 @@ def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, per
         raise ValueError(f"no parameter {perturb!r}; have {sorted(params)}")
     with torch.no_grad():
         params[perturb].add_(0.05 * torch.randn(params[perturb].shape, generator=torch.Generator().manual_seed(rank)))
-    from megalora.train.model.verify import default_tokens
-
     tokens = default_tokens(info.vocab_size)
     ours = megatron_logits(model, info, tokens)
     perturbed = None
     if rank == 0:
         perturbed = compare_logits(ours, transformers_logits(model_dir, tokens, num_layers=num_layers), tolerance=1e-4)
     return {"clean": clean, "perturbed": perturbed}
+
+
+def _loss_weights(shape: tuple[int, ...]) -> torch.Tensor:
+    # A fixed random linear functional of the logits: every logit gets a gradient.
+    return torch.randn(shape, generator=torch.Generator().manual_seed(5))
+
+
+def rank_gradients(
+    rank: int, world_size: int, model_dirs: list[str], variants: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Spawn target (one rank): for each named variant of TransformerConfig overrides
+    (e.g. full recomputation), gradients of every megatron parameter for the loss
+    `sum(logits * _loss_weights)` on `sample_tokens`: result[variant][model_dir][name]."""
+    from megalora.parallel import groups
+    from megalora.train.model.build import build_model
+
+    groups.initialize(tp=1, ep=1)
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for variant, overrides in variants.items():
+        out[variant] = {}
+        for model_dir in model_dirs:
+            model, info = build_model(model_dir, **overrides)
+            model.train()
+            tokens = sample_tokens(info.vocab_size)
+            positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+            logits = model(tokens, positions, None)[..., : info.vocab_size]
+            (logits * _loss_weights(tuple(logits.shape))).sum().backward()
+            out[variant][model_dir] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out
+
+
+def reference_gradients(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """transformers' gradients for the loss of `rank_gradients`, named and laid out as
+    on disk (fused in-memory expert tensors split into one tensor per expert)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    logits = model(sample_tokens(model.config.vocab_size)).logits
+    (logits * _loss_weights(tuple(logits.shape))).sum().backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e, fused in enumerate(param.grad):
+                gate, up = fused.chunk(2, dim=0)
+                grads[f"{prefix}{e}.gate_proj.weight"] = gate
+                grads[f"{prefix}{e}.up_proj.weight"] = up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e, down in enumerate(param.grad):
+                grads[f"{prefix}{e}.down_proj.weight"] = down
+        else:
+            grads[name] = param.grad
+    if model.config.tie_word_embeddings:
+        grads.pop("lm_head.weight", None)
+    return grads
+
+
+def rank_forward_and_gradients(
+    rank: int,
+    world_size: int,
+    forward_dirs: list[str],
+    gradient_dirs: list[str],
+    variants: dict[str, dict[str, Any]],
+) -> tuple[dict[Layout, dict[str, dict[str, Any]]], dict[str, dict[str, dict[str, torch.Tensor]]]]:
+    """Spawn target (one rank): `rank_forward` on `forward_dirs` in the one-rank layout,
+    then `rank_gradients` on `gradient_dirs`, so one process start serves both."""
+    forward = rank_forward(rank, world_size, forward_dirs, [(1, 1, False)])
+    return forward, rank_gradients(rank, world_size, gradient_dirs, variants)

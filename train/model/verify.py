@@ -32,7 +32,7 @@ class VerifyResult:
         """Relative L2 within tolerance and the same argmax at every position."""
         return self.rel_l2 <= self.tolerance and self.argmax_agree == 1.0
 
-    def summary(self) -> str:
+    def summary_line(self) -> str:
         """The line scripts read: `verify: rel_l2=... max_abs=... argmax_agree=... status=ok|FAIL`."""
         status = "ok" if self.ok else "FAIL"
         return (
@@ -52,10 +52,14 @@ def compare_logits(ours: Tensor, reference: Tensor, *, tolerance: float) -> Veri
     return VerifyResult(rel_l2=rel, max_abs=max_abs, argmax_agree=agree, tolerance=tolerance)
 
 
-def default_tokens(vocab_size: int, *, num_tokens: int = DEFAULT_NUM_TOKENS, seed: int = 0) -> Tensor:
-    """Deterministic pseudo-random token ids [1, num_tokens], the same on every rank."""
+def default_tokens(
+    vocab_size: int, *, num_tokens: int = DEFAULT_NUM_TOKENS, batch_size: int = 1, seed: int = 0
+) -> Tensor:
+    """Deterministic pseudo-random token ids [batch_size, num_tokens], the same on every rank."""
+    if num_tokens < 1 or batch_size < 1:
+        raise ValueError(f"seq_length ({num_tokens}) and batch_size ({batch_size}) must be >= 1")
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (1, num_tokens), generator=generator)
+    return torch.randint(0, vocab_size, (batch_size, num_tokens), generator=generator)
 
 
 def packed_positions(cu_seqlens: Tensor) -> Tensor:
@@ -138,13 +142,17 @@ def run_verify(
     ep: int = 1,
     sequence_parallel: bool = False,
     tolerance: float = 1e-4,
+    seq_length: int = DEFAULT_NUM_TOKENS,
+    batch_size: int = 1,
+    seed: int = 0,
     dtype: torch.dtype = torch.float32,
     apply_adapter: Callable[[torch.nn.Module, Any, str | Path], None] | None = None,
 ) -> VerifyResult:
     """Build megatron (TP=`tp`, EP=`ep`) and transformers models from `model_dir`, run the
     same tokens through both, and compare logits. Call it on every rank of the world
-    (or in a single process). `apply_adapter(model, info, adapter)` loads a PEFT adapter
-    into our LoRA modules; it is needed when `adapter` is given."""
+    (or in a single process). Without `tokens`, `default_tokens(seq_length, batch_size,
+    seed)` are used. `apply_adapter(model, info, adapter)` loads a PEFT adapter into our
+    LoRA modules; it is needed when `adapter` is given."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
 
@@ -156,7 +164,7 @@ def run_verify(
         assert apply_adapter is not None
         apply_adapter(model, info, adapter)
     if tokens is None:
-        tokens = default_tokens(info.vocab_size)
+        tokens = default_tokens(info.vocab_size, num_tokens=seq_length, batch_size=batch_size, seed=seed)
     ours = megatron_logits(model, info, tokens)
     result: list[VerifyResult | None] = [None]
     if dist.get_rank() == 0:

@@ -1,0 +1,381 @@
+"""`megalora export`: merge a training checkpoint's LoRA into the base model, write HF
+safetensors, verify against the unmerged model, optionally push to a hub.
+
+    export_checkpoint("runs/x/checkpoint-100", "out/merged", max_shard_size="5GB")
+
+The base model is processed one mapping rule at a time (one HF tensor, or the few HF
+tensors fused into one megatron weight): read with `safe_open` (files opened per decoder
+layer, so their mapped pages are released layer by layer), merged by `megalora.export.merge`,
+and streamed into shard files planned up front (`megalora.export.writer`). Under torchrun
+(or any initialised torch.distributed world) the decoder layers are dealt to ranks in
+contiguous runs balanced by bytes; each rank writes its own shard files and rank 0 writes
+the index, copies config / tokenizer files, verifies and pushes. Every rank must see the
+same output folder (a shared file system when several nodes export).
+
+Memory bound of the merge, per rank (verify off):
+
+    peak RSS <= baseline + U + 4 * F + L
+
+where baseline is the process after imports (torch, safetensors), U the on-disk bytes of
+the largest decoder layer (the base files' mapped pages of the layer being read), F the
+fp32 size of the largest megatron weight merged at once (e.g. the LM head, or one fused
+`linear_qkv`), and L the LoRA tensors of that weight. No shard is held in memory, so the
+bound does not depend on `max_shard_size`; the model as a whole is never held.
+
+Verify (on by default) builds the whole base model twice in fp32 on rank 0 (megatron with
+the checkpoint's LoRA, and transformers on the export), so it needs about 2 x 4 bytes per
+parameter; `verify_num_layers` checks only the first N decoder layers. Pass criterion:
+relative L2 of the logits <= 1e-5 and every argmax equal for fp32 bases; for bf16/fp16
+bases the merged weights are rounded to the base dtype, so the bound is 2e-2 (bf16) /
+5e-3 (fp16) with at least 90% equal argmax (near-ties may flip).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megalora.export.merge import LoraKeys, lora_delta_factors, lora_keys_for, merge_rule
+from megalora.export.writer import (
+    ShardWriter, TensorInfo, copy_side_files, parse_size, plan_shards, write_index)
+from megalora.train.model.mapping import Rule
+
+MODES = ("merge", "adapter")
+DEFAULT_COMMIT_MESSAGE = "Upload model exported by megalora"
+# Pass criteria of the verify step per base dtype: (largest relative L2, least argmax agreement).
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1.0), torch.bfloat16: (2e-2, 0.9), torch.float16: (5e-3, 0.9)}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class ExportVerifyError(RuntimeError):
+    """The merged export's logits differ from the unmerged model beyond tolerance."""
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclass(frozen=True)
+class Item:
+    """HF tensors produced together: one mapping rule (with its LoRA, if any), or one base
+    tensor the mapping table does not know (copied unchanged, e.g. multi-token prediction)."""
+
+    sources: tuple[str, ...]
+    rule: Rule | None = None
+    lora: LoraKeys | None = None
+
+
+@dataclass
+class Unit:
+    """The items of one decoder layer, or of everything outside the layers."""
+
+    name: str
+    items: list[Item]
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict:
+    """meta.json of a training checkpoint, checked for what export needs."""
+    ckpt = Path(checkpoint_dir)
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+    for key in ("base_model", "config"):
+        if key not in meta:
+            raise ValueError(f"{meta_path}: missing key {key!r}")
+    if not (ckpt / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{ckpt}: no adapter_model.safetensors")
+    if not (Path(meta["base_model"]) / "config.json").is_file():
+        raise ValueError(f"{meta_path}: base_model {meta['base_model']!r} is not an HF model folder (no config.json)")
+    return meta
+
+
+def lora_scale(lora_cfg: dict) -> float:
+    """alpha/r, or alpha/sqrt(r) with rank-stabilised LoRA, from the checkpoint's `lora` config."""
+    from megalora.train.lora.options import LoraOptions
+
+    try:
+        return LoraOptions(rank=int(lora_cfg["lora_rank"]), alpha=float(lora_cfg["lora_alpha"]),
+                           use_rslora=bool(lora_cfg.get("use_rslora", False))).scaling
+    except KeyError as err:
+        raise ValueError(f"meta.json config.lora: missing key {err}") from None
+
+
+def _catalog(base_dir: Path) -> dict[str, TensorInfo]:
+    """Name, dtype and shape of every base tensor (headers only)."""
+    from safetensors import safe_open
+
+    from megalora.train.model.loader import CheckpointReader
+
+    with CheckpointReader(base_dir) as reader:
+        files = sorted(set(reader.files.values()))
+    out = {}
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                out[name] = TensorInfo(name, piece.get_dtype(), tuple(piece.get_shape()))
+    return out
+
+
+def plan_units(rules: list[Rule], catalog: dict[str, TensorInfo], lora_names: set[str], *,
+               base_dir: Path) -> list[Unit]:
+    """Group the work by decoder layer (plus one unit for everything else, first); every
+    LoRA tensor must be used, every base tensor written exactly once."""
+    units: dict[str, Unit] = {}
+    used_lora: set[str] = set()
+    covered: set[str] = set()
+
+    def unit_of(hf_name: str) -> Unit:
+        m = _LAYER_RE.match(hf_name)
+        key = f"layer {int(m.group(1)):06d}" if m else "other"
+        return units.setdefault(key, Unit(key, []))
+
+    for rule in rules:
+        names = tuple(s.name for s in rule.sources)
+        for n in names:
+            if n not in catalog:
+                raise ValueError(f"{base_dir}: tensor {n!r} is missing from the base model's safetensors")
+        keys = lora_keys_for(rule.megatron, lora_names)
+        if keys is not None:
+            if keys.b not in lora_names:
+                raise ValueError(f"adapter_model.safetensors has {keys.a} but not {keys.b}")
+            used_lora.update((keys.a, keys.b))
+        unit_of(names[0]).items.append(Item(names, rule, keys))
+        covered.update(names)
+    for name in sorted(set(catalog) - covered):
+        unit_of(name).items.append(Item((name,)))
+    unused = sorted(lora_names - used_lora)
+    if unused:
+        hint = (" (LoRA on the output layer of a model with tied embeddings cannot be merged)"
+                if any(n.startswith("output_layer.") for n in unused) else "")
+        raise ValueError(f"adapter_model.safetensors: LoRA tensors that adapt no weight of {base_dir}: "
+                         f"{unused[:4]}{hint}")
+    return [units[k] for k in sorted(units, key=lambda k: (k != "other", k))]
+
+
+def _merge_unit(unit: Unit, *, base_dir: Path, adapter_path: Path, scale: float, writer: ShardWriter) -> None:
+    from safetensors import safe_open
+
+    from megalora.train.model.loader import CheckpointReader
+
+    # Files are opened per unit: closing them drops the mapped pages read so far.
+    with CheckpointReader(base_dir) as reader, safe_open(str(adapter_path), "pt") as adapter:
+        for item in unit.items:
+            sources = [reader.read(n) for n in item.sources]
+            lora = None
+            if item.lora is not None:
+                a, b = adapter.get_slice(item.lora.a), adapter.get_slice(item.lora.b)
+                if item.lora.expert is not None:
+                    e = item.lora.expert
+                    a, b = a[e:e + 1], b[e:e + 1]
+                else:
+                    a, b = a[:], b[:]
+                assert item.rule is not None
+                rows = sum(s.shape[0] for s in sources)  # fused layouts keep every source row
+                keys = LoraKeys(item.lora.a, item.lora.b, 0 if item.lora.expert is not None else None)
+                lora = lora_delta_factors(a, b, keys, out_rows=rows)
+            outputs = merge_rule(item.rule, sources, lora, scale=scale) if item.rule else tuple(sources)
+            del sources
+            for name, tensor in zip(item.sources, outputs):
+                writer.write(name, tensor)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not an empty folder")
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: str = "merge",
+                      max_shard_size: str | int = "5GB", verify: bool = True, verify_num_layers: int | None = None,
+                      push_to_hub: str | None = None, hub: str = "modelscope", token: str | None = None,
+                      private: bool = True, commit_message: str = DEFAULT_COMMIT_MESSAGE,
+                      hub_endpoint: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Export `checkpoint_dir` (a `checkpoint-<step>/` folder) to `out_dir`; returns `out_dir`.
+
+    `mode="merge"` writes the base model with LoRA merged as HF safetensors shards of at
+    most `max_shard_size`, plus config, generation config and tokenizer files; `verify`
+    compares it with the unmerged model (see the module docstring) and raises
+    `ExportVerifyError` beyond tolerance, before any push. `mode="adapter"` writes a PEFT
+    adapter. `push_to_hub` ("owner/name") uploads the folder to `hub` ("modelscope" or
+    "huggingface"; `hub_endpoint` overrides the hub's address). Call it on every rank of
+    a torch.distributed world, or in one process."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    ckpt, out = Path(checkpoint_dir), Path(out_dir)
+    meta = read_meta(ckpt)
+    rank, world = _world()
+    _check_out_dir(out)
+    _barrier()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    if mode == "adapter":
+        if rank == 0:
+            _write_adapter(ckpt, out)
+    else:
+        _export_merged(ckpt, out, meta, max_shard_size=max_shard_size, log=log)
+        if verify:
+            _verify(ckpt, out, meta, num_layers=verify_num_layers, log=log)
+    _barrier()
+    if push_to_hub and rank == 0:
+        from megalora.export.push import push_folder
+
+        push_folder(out, push_to_hub, hub=hub, token=token, private=private, commit_message=commit_message,
+                    endpoint=hub_endpoint, log=log)
+    _barrier()
+    return out
+
+
+def _write_adapter(ckpt: Path, out: Path) -> None:
+    if importlib.util.find_spec("megalora.train.lora.peft_format") is None:
+        raise ValueError("adapter export (--adapter, PEFT format) is unavailable in this build; use --merge")
+    from megalora.train.lora import peft_format  # type: ignore[attr-defined]
+
+    peft_format.write_peft_adapter(ckpt, out)
+
+
+def _export_merged(ckpt: Path, out: Path, meta: dict, *, max_shard_size: str | int,
+                   log: Callable[[str], None]) -> None:
+    from safetensors import safe_open
+
+    from megalora.train.model.hf_config import read_hf_config
+    from megalora.train.model.mapping import rules_for
+
+    rank, world = _world()
+    max_bytes = parse_size(max_shard_size)
+    base = Path(meta["base_model"])
+    lora_cfg = meta["config"].get("lora") or {}
+    scale = lora_scale(lora_cfg)
+    num_layers = (meta["config"].get("model") or {}).get("num_layers")
+    spec = read_hf_config(base)
+    if num_layers is not None and num_layers != spec.num_layers:
+        raise ValueError(f"{ckpt}: trained on the first {num_layers} of {spec.num_layers} layers (model.num_layers); "
+                         "a merged export needs an adapter for the whole model")
+    adapter_path = ckpt / "adapter_model.safetensors"
+    with safe_open(str(adapter_path), "pt") as handle:
+        lora_names = set(handle.keys())
+    catalog = _catalog(base)
+    units = plan_units(rules_for(spec), catalog, lora_names, base_dir=base)
+    infos = [[catalog[n] for item in u.items for n in item.sources] for u in units]
+    plan = plan_shards(infos, max_shard_bytes=max_bytes, world_size=world)
+    if rank == 0:
+        log(f"export: merging {ckpt} into {base} (scale {scale:g}, {len(lora_names)} LoRA tensors) -> {out}: "
+            f"{plan.total_size / 2**20:.1f} MiB in {len(plan.shards)} shard(s) over {world} rank(s)")
+    with ShardWriter(out, plan.shards_for(rank)) as writer:
+        for unit, owner in zip(units, plan.unit_ranks):
+            if owner == rank:
+                _merge_unit(unit, base_dir=base, adapter_path=adapter_path, scale=scale, writer=writer)
+    _barrier()
+    if rank == 0:
+        write_index(out, plan)
+        copied = copy_side_files(base, out)
+        log(f"export: wrote {len(plan.shards)} shard(s); copied {', '.join(copied)}")
+
+
+def _base_dtype(out: Path) -> torch.dtype:
+    """The floating dtype of the exported weights (that of the largest tensor)."""
+    from megalora.export.writer import dtype_from_name
+
+    infos = _catalog(out).values()
+    return dtype_from_name(max(infos, key=lambda t: t.nbytes).dtype)
+
+
+def _verify(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None, log: Callable[[str], None]) -> None:
+    from megalora.parallel import groups
+
+    rank, world = _world()
+    owned = not (dist.is_available() and dist.is_initialized())
+    groups.initialize(tp=1, ep=1)
+    try:
+        line_and_ok: list[tuple[str, bool] | None] = [None]
+        if rank == 0:
+            line_and_ok[0] = verify_export(ckpt, out, meta, num_layers=num_layers)
+        if world > 1:
+            dist.broadcast_object_list(line_and_ok, src=0)
+    finally:
+        if owned:
+            groups.destroy()
+    assert line_and_ok[0] is not None
+    line, ok = line_and_ok[0]
+    if rank == 0:
+        log(line)
+    if not ok:
+        raise ExportVerifyError(f"export verify failed: the merged model in {out} differs from the unmerged "
+                                f"model of {ckpt} ({line}); the folder is left for inspection", line)
+
+
+def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None = None,
+                  num_tokens: int = 32) -> tuple[str, bool]:
+    """The verify summary line and pass/fail: megatron + the checkpoint's LoRA (unmerged) vs
+    transformers on the merged folder, both fp32, on the same seeded tokens. Needs
+    megatron's parallel state (TP=1, EP=1) initialised."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from megalora.config import LoraSection
+    from megalora.train.lora.apply import apply_lora
+    from megalora.train.lora.layout import lora_layout
+    from megalora.train.model.build import build_model
+    from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits, transformers_logits
+
+    model, info = build_model(meta["base_model"], dtype=torch.float32, num_layers=num_layers)
+    fields = {f.name for f in dataclasses.fields(LoraSection)}
+    section = LoraSection(**{k: v for k, v in (meta["config"].get("lora") or {}).items() if k in fields})
+    apply_lora(model, section, verbose=False)
+    layout = lora_layout(model)
+    full = load_file(str(ckpt / "adapter_model.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in layout:
+            if name not in full:
+                raise ValueError(f"{ckpt}: adapter_model.safetensors lacks {name} that the model's LoRA has")
+            _copy_lora(params[name], full[name], name=name)
+    tokens = default_tokens(info.vocab_size, num_tokens=num_tokens)
+    ours = megatron_logits(model, info, tokens)
+    del model, full, params
+    reference = transformers_logits(out, tokens, num_layers=num_layers, dtype=torch.float32)
+    tol, min_agree = TOLERANCES.get(_base_dtype(out), TOLERANCES[torch.bfloat16])
+    result = compare_logits(ours, reference, tolerance=tol)
+    ok = result.rel_l2 <= tol and result.argmax_agree >= min_agree
+    line = (f"verify: rel_l2={result.rel_l2:.3e} max_abs={result.max_abs:.3e} "
+            f"argmax_agree={result.argmax_agree:.4f} status={'ok' if ok else 'FAIL'}")
+    return line, ok
+
+
+def _copy_lora(param: torch.nn.Parameter, value: Tensor, *, name: str) -> None:
+    """Copy a full LoRA tensor into a one-rank parameter; vocab-padded B rows of the output
+    layer may differ in count between layouts (padding rows carry nothing)."""
+    if param.shape == value.shape:
+        param.copy_(value.to(param.dtype))
+        return
+    if name.startswith("output_layer.") and param.shape[1:] == value.shape[1:]:
+        rows = min(param.shape[0], value.shape[0])
+        param.zero_()
+        param[:rows].copy_(value[:rows].to(param.dtype))
+        return
+    raise ValueError(f"adapter_model.safetensors: {name} has shape {tuple(value.shape)}, "
+                     f"the model expects {tuple(param.shape)} (another base model?)")
