@@ -94,7 +94,8 @@ def merge_rule(rule: Rule, sources: Sequence[Tensor], lora: tuple[Tensor, Tensor
     b, a = lora
     merged = merge_weight(fused, b, a, scale=scale)
     del fused
-    pieces = tuple(p.contiguous() for p in rule.to_hf(merged))
+    # Back to each source's own dtype (a fused weight is one dtype; its sources need not be).
+    pieces = tuple(p.to(s.dtype).contiguous() for p, s in zip(rule.to_hf(merged), sources))
     for piece, source in zip(pieces, sources):
         assert piece.shape == source.shape, (rule.megatron, piece.shape, source.shape)
     return pieces

@@ -34,7 +34,7 @@ class ModelSection:
     model: str = _f("demo", "HF model folder or hub id (`Qwen/Qwen3-Coder-Next`); `demo` is the embedded tiny Qwen3-Next made locally.")
     use_hf: bool = _f(False, "Resolve hub ids through the Hugging Face hub instead of ModelScope.")
     torch_dtype: str = _f("auto", "Dtype of the frozen base weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
-                          choices=("auto", "float32", "bfloat16", "float16"))
+                          choices=("auto", "float32", "bfloat16", "float16", "float64"))
     num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on few GPUs).")
 
 
@@ -63,7 +63,7 @@ class LoraSection:
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
     use_rslora: bool = _f(False, "Rank-stabilised scaling alpha/sqrt(r).")
-    lora_dtype: str = _f("float32", "Dtype of LoRA weights and their optimizer state.", choices=("float32", "bfloat16"))
+    lora_dtype: str = _f("float32", "Dtype of LoRA weights and their optimizer state (float64 is for exactness checks).", choices=("float32", "bfloat16", "float64"))
     target_modules: list = _f(["all-linear"], "Layers that get LoRA: all-linear, or names such as linear_qkv linear_proj linear_fc1 linear_fc2 in_proj out_proj router shared_expert_gate output_layer.")
     target_regex: Optional[str] = _f(None, "Regex over module names; when set, matching modules get LoRA in addition to target_modules.")
     exclude_modules: list = _f([], "Module names (or substrings) that never get LoRA.")

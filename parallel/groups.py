@@ -2,13 +2,14 @@
 
 ``initialize`` brings up torch.distributed (if needed) and megatron-core's parallel state;
 ``layout`` states, as a pure function, which rank lands where. Both use megatron's rank
-order ``tp-cp-ep-dp-pp`` with context and pipeline parallel fixed at 1 and expert tensor
-parallel fixed at 1:
+order ``tp-cp-ep-dp-pp`` with context and pipeline parallel fixed at 1; the expert grid
+has its own tensor-parallel degree ``etp`` (1 by default):
 
     dense grid   rank = tp_rank + tp * dp_rank
-    expert grid  rank = ep_rank + ep * expert_dp_rank
+    expert grid  rank = etp_rank + etp * (ep_rank + ep * expert_dp_rank)
 
-so TP groups are runs of ``tp`` consecutive ranks and EP groups runs of ``ep`` ranks.
+so TP groups are runs of ``tp`` consecutive ranks and, with ``etp=1``, EP groups runs of
+``ep`` ranks.
 """
 
 from __future__ import annotations
@@ -22,29 +23,33 @@ import torch.distributed as dist
 _BACKENDS = ("auto", "gloo", "nccl")
 
 
-def _check_degrees(world_size: int, *, tp: int, ep: int) -> None:
-    if tp < 1 or ep < 1:
+def _check_degrees(world_size: int, *, tp: int, ep: int, etp: int = 1) -> None:
+    if tp < 1 or ep < 1 or etp < 1:
         raise ValueError(
-            f"tensor_model_parallel_size={tp} and expert_model_parallel_size={ep} must be >= 1"
+            f"tensor_model_parallel_size={tp}, expert_model_parallel_size={ep} and "
+            f"expert_tensor_parallel_size={etp} must be >= 1"
         )
     if world_size % tp:
         raise ValueError(
             f"tensor_model_parallel_size={tp} does not divide the world size {world_size}"
         )
-    if world_size % ep:
+    if world_size % (ep * etp):
         raise ValueError(
-            f"expert_model_parallel_size={ep} does not divide the world size {world_size}"
+            f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} does not "
+            f"divide the world size {world_size}"
         )
 
 
-def layout(world_size: int, *, tp: int, ep: int, num_experts: int) -> list[dict[str, Any]]:
-    """Describe every global rank: its TP/DP/EP/expert-DP ranks and the experts it holds.
+def layout(
+    world_size: int, *, tp: int, ep: int, num_experts: int, etp: int = 1
+) -> list[dict[str, Any]]:
+    """Describe every global rank: its TP/DP/EP/expert-TP/expert-DP ranks and its experts.
 
-    Each row has ``rank``, ``tp_rank``, ``dp_rank``, ``ep_rank``, ``expert_dp_rank`` and
-    ``experts`` (global expert ids, in local order: local expert ``i`` is ``experts[i]``).
-    ``num_experts=0`` describes a dense model (no experts anywhere).
+    Each row has ``rank``, ``tp_rank``, ``dp_rank``, ``ep_rank``, ``etp_rank``,
+    ``expert_dp_rank`` and ``experts`` (global expert ids, in local order: local expert
+    ``i`` is ``experts[i]``). ``num_experts=0`` describes a dense model.
     """
-    _check_degrees(world_size, tp=tp, ep=ep)
+    _check_degrees(world_size, tp=tp, ep=ep, etp=etp)
     if num_experts and num_experts % ep:
         raise ValueError(
             f"num_experts={num_experts} is not divisible by expert_model_parallel_size={ep}"
@@ -54,14 +59,15 @@ def layout(world_size: int, *, tp: int, ep: int, num_experts: int) -> list[dict[
     num_local = num_experts // ep
     rows = []
     for rank in range(world_size):
-        ep_rank = rank % ep
+        ep_rank = (rank // etp) % ep
         rows.append(
             {
                 "rank": rank,
                 "tp_rank": rank % tp,
                 "dp_rank": rank // tp,
                 "ep_rank": ep_rank,
-                "expert_dp_rank": rank // ep,
+                "etp_rank": rank % etp,
+                "expert_dp_rank": rank // (etp * ep),
                 "experts": list(range(ep_rank * num_local, (ep_rank + 1) * num_local)),
             }
         )
@@ -75,16 +81,17 @@ def initialize(
     sequence_parallel: bool = False,
     backend: str = "auto",
     seed: int = 1234,
+    etp: int = 1,
 ) -> dict[str, Any]:
     """Initialise torch.distributed (if not yet) and megatron's model-parallel groups.
 
     torch.distributed is started from ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``PORT``)
     when set, else as a one-process world. ``backend="auto"`` picks nccl with CUDA, gloo
-    without. Pipeline and context parallel are 1, expert tensor parallel is 1. Megatron's
-    RNG tracker is seeded with ``seed`` (dropout and init draw from it).
+    without. Pipeline and context parallel are 1; expert tensor parallel is ``etp``.
+    Megatron's RNG tracker is seeded with ``seed`` (dropout and init draw from it).
 
     Returns this rank's row of ``layout`` (without ``experts``), plus ``world_size``,
-    ``tp``, ``ep``, ``dp`` and ``sequence_parallel``.
+    ``tp``, ``ep``, ``etp``, ``dp`` and ``sequence_parallel``.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(_BACKENDS)}")
@@ -96,7 +103,7 @@ def initialize(
     if not dist.is_initialized():
         _init_default_group(backend)
     world_size = dist.get_world_size()
-    _check_degrees(world_size, tp=tp, ep=ep)
+    _check_degrees(world_size, tp=tp, ep=ep, etp=etp)
 
     from megatron.core import parallel_state, tensor_parallel
 
@@ -106,7 +113,7 @@ def initialize(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=etp,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     rank = dist.get_rank()
@@ -115,11 +122,13 @@ def initialize(
         "world_size": world_size,
         "tp": tp,
         "ep": ep,
+        "etp": etp,
         "dp": world_size // tp,
         "sequence_parallel": sequence_parallel,
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "dp_rank": parallel_state.get_data_parallel_rank(),
         "ep_rank": parallel_state.get_expert_model_parallel_rank(),
+        "etp_rank": parallel_state.get_expert_tensor_parallel_rank(),
         "expert_dp_rank": parallel_state.get_expert_data_parallel_rank(),
     }
 

@@ -235,6 +235,16 @@ def test_cli_errors_name_the_flag_or_file(tmp_path: Path, capsys: pytest.Capture
     assert cmd_export(["--help"]) == 0
 
 
+def test_lora_of_another_shape_is_named(tmp_path: Path) -> None:
+    ckpt = _dense_checkpoint(tmp_path)
+    lora = load_file(str(ckpt / "adapter_model.safetensors"))
+    key = "decoder.layers.0.mlp.linear_fc2.lora_A"
+    lora[key] = lora[key][:, :-1].contiguous()  # trained on a narrower model
+    save_file(lora, str(ckpt / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{key}.*model.layers.0.mlp.down_proj.weight.*does not fit"):
+        export_checkpoint(ckpt, tmp_path / "out", verify=False, log=lambda _: None)
+
+
 def test_unknown_lora_tensor_is_refused() -> None:
     base = _FOLDERS["qwen3"]
     spec = read_hf_config(base)
@@ -294,3 +304,54 @@ def test_export_pushes_the_folder_to_the_hub(hub: str, tmp_path: Path, monkeypat
     assert repo.files == on_disk and INDEX_FILE in on_disk and len(on_disk) > 5
     assert repo.private is True and repo.commit_messages[0].startswith("export step 3")
     assert all(TOKEN not in line for line in lines)
+
+
+TORCHRUN_SCRIPT = """
+import sys
+import torch.distributed as dist
+from megalora.export.cli import cmd_export
+
+code = cmd_export(sys.argv[1:])
+assert not dist.is_initialized(), "cmd_export must tear down the process group it started"
+sys.exit(code)
+"""
+
+
+def test_torchrun_export_splits_layers_over_ranks(tmp_path: Path) -> None:
+    """`cmd_export` under torchrun (2 ranks, its own gloo group): each rank writes its own
+    shards, and the tensors equal a one-process export of the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from megalora.parallel.multiprocess import free_port
+
+    ckpt = _dense_checkpoint(tmp_path)
+    script = tmp_path / "run_export.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+                           str(ckpt), "--out", str(tmp_path / "multi"), "--max_shard_size", "30KB",
+                           "--verify", "false"], capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert cmd_export([str(ckpt), "--out", str(tmp_path / "single"), "--verify", "false"]) == 0
+    index = json.loads((tmp_path / "multi" / INDEX_FILE).read_text())
+    files = sorted(p.name for p in (tmp_path / "multi").glob("*.safetensors"))
+    assert sorted(set(index["weight_map"].values())) == files and len(files) >= 2
+    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    multi = {}
+    for file in files:
+        part = load_file(str(tmp_path / "multi" / file))
+        assert not set(part) & set(multi)
+        multi.update(part)
+    assert set(multi) == set(single) and all(torch.equal(multi[k], single[k]) for k in single)
+    assert "over 2 rank(s)" in done.stdout and done.stdout.count("verify:") == 0
+    # The plan both ranks followed gives each rank shards of its own.
+    base = tmp_path / "base"
+    catalog = {k: TensorInfo(k, "F32", tuple(v)) for k, v in _SHAPES["qwen3"].items()}
+    lora_names = set(load_file(str(ckpt / "adapter_model.safetensors")))
+    units = plan_units(rules_for(read_hf_config(base)), catalog, lora_names, base_dir=base)
+    plan = plan_shards([[catalog[n] for i in u.items for n in i.sources] for u in units],
+                       max_shard_bytes=parse_size("30KB"), world_size=2)
+    assert plan.shards_for(0) and plan.shards_for(1) and sorted(s.file for s in plan.shards) == files

@@ -26,7 +26,7 @@ def _one_process_groups():
     groups.destroy()
 
 
-def _experts(impl: str) -> LoraExperts:
+def _experts(impl: str, dtype: torch.dtype = torch.float32) -> LoraExperts:
     cfg = TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=2, num_moe_experts=E,
                             ffn_hidden_size=FFN, moe_ffn_hidden_size=FFN, gated_linear_unit=True,
                             activation_func=F.silu, add_bias_linear=False, bias_activation_fusion=False,
@@ -34,7 +34,8 @@ def _experts(impl: str) -> LoraExperts:
     torch.manual_seed(0)
     base = SequentialMLP(E, cfg, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                          pg_collection=ProcessGroupCollection.use_mpu_process_groups())
-    lora = LoraExperts(base, options=LoraOptions(rank=3, alpha=6.0), init_seed=5, first_global_expert=0, impl=impl)
+    lora = LoraExperts(base, options=LoraOptions(rank=3, alpha=6.0, dtype=dtype), init_seed=5,
+                       first_global_expert=0, impl=impl)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():  # non-zero B: otherwise the adapters contribute nothing to check
         lora.lora_fc1_B.copy_(torch.randn(lora.lora_fc1_B.shape, generator=gen))
@@ -66,9 +67,11 @@ def _hand_reference(lora: LoraExperts):
     outs = []
     for e, (xe, pe) in enumerate(zip(torch.split(x, TOKENS), torch.split(probs, TOKENS))):
         mlp = lora.base_layer.local_experts[e]
-        h = xe @ mlp.linear_fc1.weight.T + s * (xe @ lora.lora_fc1_A[e].T) @ lora.lora_fc1_B[e].T
+        a1, b1 = lora.lora_fc1_A[e].float(), lora.lora_fc1_B[e].float()
+        a2, b2 = lora.lora_fc2_A[e].float(), lora.lora_fc2_B[e].float()
+        h = xe @ mlp.linear_fc1.weight.T + s * (xe @ a1.T) @ b1.T
         act = F.silu(h[:, :FFN]) * h[:, FFN:] * pe[:, None]
-        outs.append(act @ mlp.linear_fc2.weight.T + s * (act @ lora.lora_fc2_A[e].T) @ lora.lora_fc2_B[e].T)
+        outs.append(act @ mlp.linear_fc2.weight.T + s * (act @ a2.T) @ b2.T)
     return torch.cat(outs)
 
 
@@ -88,6 +91,16 @@ def test_grouped_equals_loop_forward_and_backward_with_empty_experts() -> None:
     with torch.no_grad():
         torch.testing.assert_close(out_g, _hand_reference(grouped), rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in grouped.base_layer.parameters())
+
+
+def test_bf16_adapters_on_fp32_experts() -> None:
+    lora = _experts("grouped", torch.bfloat16)
+    assert lora.lora_fc1_A.dtype == torch.bfloat16
+    out, dx, grads = _run(lora)
+    assert out.dtype == torch.float32 and grads["lora_fc2_B"].dtype == torch.bfloat16
+    with torch.no_grad():
+        want = _hand_reference(lora)
+    assert ((out - want).norm() / want.norm()).item() < 2e-2
 
 
 def test_all_tokens_to_no_local_expert() -> None:

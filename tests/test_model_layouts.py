@@ -79,6 +79,15 @@ def test_layout_token_loss_ignores_vocab_padding(name, layout, checkpoints, rank
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5), (ours - ref).abs().max()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda lay: f"tp{lay[0]}-ep{lay[1]}{'-sp' if lay[2] else ''}")
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_padded_packed_parity(name, layout, checkpoints, ranks, packed_references):
+    ours = ranks[0][layout][checkpoints[name]]["packed_padded_logits"]
+    ref = packed_references[name]
+    rel = ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert rel <= 1e-5, f"{name} {layout} padded packed: relative L2 {rel:.3e}"
+
+
 def _disk_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for path in Path(model_dir).glob("*.safetensors"):

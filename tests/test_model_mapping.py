@@ -209,3 +209,17 @@ def test_shards_read_from_disk_reassemble_to_the_checkpoint(tmp_path, name, worl
                 assert torch.equal(tensor, hf[key]), (rule.megatron, key)
                 seen.add(key)
     assert seen == set(hf)
+
+
+def test_attention_bias_is_refused():
+    cfg = _raw("qwen3")
+    cfg["attention_bias"] = True
+    with pytest.raises(ValueError, match="attention_bias=true is not supported"):
+        parse_hf_config(cfg)
+
+
+def test_aux_loss_coefficient_turns_balancing_on():
+    spec = parse_hf_config(_raw("qwen3_moe"))
+    assert to_transformer_config(spec).moe_router_load_balancing_type == "none"
+    tc = to_transformer_config(spec, moe_aux_loss_coeff=0.01)
+    assert tc.moe_router_load_balancing_type == "aux_loss" and tc.moe_aux_loss_coeff == 0.01

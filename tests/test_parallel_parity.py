@@ -22,19 +22,24 @@ from megalora.parallel.multiprocess import spawn
 VOCAB, SEQ, BATCH = 128, 16, 2
 RTOL = 1e-5
 
-# (name, world size, tp, ep, sequence parallel, token dispatcher)
+# (name, world size, tp, ep, expert tp, sequence parallel, token dispatcher)
 LAYOUTS = [
-    ("tp2_ep2_sp_alltoall", 4, 2, 2, True, "alltoall"),
-    ("tp2_ep2_sp_allgather", 4, 2, 2, True, "allgather"),
-    ("tp2_sp", 2, 2, 1, True, "alltoall"),
-    ("ep2_alltoall", 2, 1, 2, False, "alltoall"),
-    ("ep2_allgather", 2, 1, 2, False, "allgather"),
+    ("tp2_ep2_sp_alltoall", 4, 2, 2, 1, True, "alltoall"),
+    ("tp2_ep2_sp_allgather", 4, 2, 2, 1, True, "allgather"),
+    # expert TP = TP: the alltoall dispatcher gathers uneven token chunks over expert TP
+    ("tp2_ep2_etp2_sp_alltoall", 4, 2, 2, 2, True, "alltoall"),
+    ("tp2_sp", 2, 2, 1, 1, True, "alltoall"),
+    ("ep2_alltoall", 2, 1, 2, 1, False, "alltoall"),
+    ("ep2_allgather", 2, 1, 2, 1, False, "allgather"),
 ]
 RECOMPUTE = [False, True]
 
 
-def build_model(*, tp: int, ep: int, sp: bool, dispatcher: str, recompute: bool) -> Any:
-    """The tiny MoE GPT (4 experts, top-2, shared expert, RMSNorm, rotary), fp32, no dropout."""
+def build_model(
+    *, tp: int, ep: int, etp: int = 1, sp: bool, dispatcher: str, recompute: bool
+) -> Any:
+    """The tiny MoE GPT (4 experts, top-2, shared expert, RMSNorm, q/k norm, rotary), fp32,
+    no dropout."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
@@ -54,6 +59,7 @@ def build_model(*, tp: int, ep: int, sp: bool, dispatcher: str, recompute: bool)
         ffn_hidden_size=128,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
+        qk_layernorm=True,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
@@ -63,7 +69,7 @@ def build_model(*, tp: int, ep: int, sp: bool, dispatcher: str, recompute: bool)
         use_cpu_initialization=True,
         tensor_model_parallel_size=tp,
         expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=etp,
         sequence_parallel=sp,
         num_moe_experts=4,
         moe_router_topk=2,
@@ -76,7 +82,7 @@ def build_model(*, tp: int, ep: int, sp: bool, dispatcher: str, recompute: bool)
     )
     return GPTModel(
         config=config,
-        transformer_layer_spec=local_gpt_spec(config, num_experts=4),
+        transformer_layer_spec=local_gpt_spec(config, num_experts=4, qk_layernorm=True),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         position_embedding_type="rope",
@@ -125,11 +131,13 @@ def _megatron_placement(model: Any) -> dict[str, Any]:
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "dp_rank": ps.get_data_parallel_rank(),
         "ep_rank": ps.get_expert_model_parallel_rank(),
+        "etp_rank": ps.get_expert_tensor_parallel_rank(),
         "expert_dp_rank": ps.get_expert_data_parallel_rank(),
         "experts": list(model.decoder.layers[0].mlp.local_expert_indices),
         "tp_group": members(ps.get_tensor_model_parallel_group()),
         "dp_group": members(ps.get_data_parallel_group()),
         "ep_group": members(ps.get_expert_model_parallel_group()),
+        "etp_group": members(ps.get_expert_tensor_parallel_group()),
         "expert_dp_group": members(ps.get_expert_data_parallel_group()),
     }
 
@@ -149,15 +157,19 @@ def layout_worker(
     from megalora.parallel.sharding import gpt_rules, shard_state_dict
 
     out = {}
-    for name, tp, ep, sp, dispatcher, recompute in cases:
-        info = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=11)
-        model = build_model(tp=tp, ep=ep, sp=sp, dispatcher=dispatcher, recompute=recompute)
+    for name, tp, ep, etp, sp, dispatcher, recompute in cases:
+        info = groups.initialize(tp=tp, ep=ep, etp=etp, sequence_parallel=sp, seed=11)
+        model = build_model(
+            tp=tp, ep=ep, etp=etp, sp=sp, dispatcher=dispatcher, recompute=recompute
+        )
         shard = shard_state_dict(
             full_sd,
             tp_rank=info["tp_rank"],
             tp_size=tp,
             ep_rank=info["ep_rank"],
             ep_size=ep,
+            etp_rank=info["etp_rank"],
+            etp_size=etp,
             rules=gpt_rules(),
         )
         model.load_state_dict(shard, strict=True)
@@ -170,7 +182,7 @@ def layout_worker(
         out[f"{name}_recompute{int(recompute)}"] = {
             "loss": loss.item() / dp,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]},
+            "row": {k: info[k] for k in ("tp_rank", "ep_rank", "etp_rank")},
             "megatron": _megatron_placement(model),
         }
     groups.destroy()
@@ -189,13 +201,12 @@ def run_world(world_size: int, full_sd: dict[str, Any]) -> dict[str, Any]:
              for rc in RECOMPUTE]
     per_rank = spawn(layout_worker, world_size, args=(full_sd, cases), timeout=400)
     results = {}
-    for case in cases:
-        name, tp, ep = case[0], case[1], case[2]
-        key = f"{name}_recompute{int(case[5])}"
+    for name, tp, ep, etp, _, _, recompute in cases:
+        key = f"{name}_recompute{int(recompute)}"
         rows = [r[key]["row"] for r in per_rank]
         grads = gather_state_dicts(
             [r[key]["grads"] for r in per_rank], ranks=rows, tp_size=tp, ep_size=ep,
-            rules=gpt_rules(),
+            etp_size=etp, rules=gpt_rules(),
         )
         results[key] = {
             "losses": [r[key]["loss"] for r in per_rank],
@@ -245,18 +256,19 @@ def test_loss_and_grads_match_single_process(
 def test_layout_table_matches_megatron_groups(layout: tuple, worlds: Any) -> None:
     from megalora.parallel.groups import layout as layout_table
 
-    name, world_size, tp, ep = layout[:4]
-    rows = layout_table(world_size, tp=tp, ep=ep, num_experts=4)
+    name, world_size, tp, ep, etp = layout[:5]
+    rows = layout_table(world_size, tp=tp, ep=ep, etp=etp, num_experts=4)
     result = worlds(world_size)[f"{name}_recompute0"]
     for row, placed in zip(rows, result["placement"]):
-        for key in ("tp_rank", "dp_rank", "ep_rank", "expert_dp_rank", "experts"):
+        for key in ("tp_rank", "dp_rank", "ep_rank", "etp_rank", "expert_dp_rank", "experts"):
             assert row[key] == placed[key], (row["rank"], key)
 
-        def same(key: str) -> list[int]:
-            return [r["rank"] for r in rows if r[key] == row[key]]
+        def same(*keys: str) -> list[int]:
+            return [r["rank"] for r in rows if all(r[k] == row[k] for k in keys)]
 
-        # the groups are the ranks that share the other coordinate
+        # a group is the set of ranks that agree on every other coordinate of its grid
         assert placed["tp_group"] == same("dp_rank")
         assert placed["dp_group"] == same("tp_rank")
-        assert placed["ep_group"] == same("expert_dp_rank")
-        assert placed["expert_dp_group"] == same("ep_rank")
+        assert placed["ep_group"] == same("etp_rank", "expert_dp_rank")
+        assert placed["etp_group"] == same("ep_rank", "expert_dp_rank")
+        assert placed["expert_dp_group"] == same("ep_rank", "etp_rank")

@@ -14,6 +14,7 @@ a stated factor, both on the total and on the per-token slope (activations alone
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -302,10 +303,21 @@ _MEASURE = textwrap.dedent('''
 ''')
 
 
+# Stated tolerance of the planner against a measured CPU step (see the module docstring).
+FACTOR = 1.25
+
+
+def _measure_env() -> dict[str, str]:
+    """glibc malloc with a fixed mmap threshold: every tensor buffer over 64 KiB is mapped on
+    allocation and unmapped on free, so peak RSS follows peak live tensor bytes rather than heap
+    arenas that grow with thread timing (without it, repeated runs differed by ~20 MiB here)."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
+
+
 def test_cpu_memory_prediction_matches_measured_peak() -> None:
     """fp32 LoRA step of transformers + peft on CPU: peak RSS growth vs the planner's CPU mode.
 
-    Factor 1.5 either way on the total and on the per-token slope (the activation part alone).
+    Within FACTOR either way on the total and on the per-token slope (the activation part alone).
     Measured on transformers + peft of the same shape, not the megatron trainer (see module doc)."""
     shape = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
@@ -313,7 +325,7 @@ def test_cpu_memory_prediction_matches_measured_peak() -> None:
     seqs, batch, rank = [1024, 2048], 1, 8
     out = subprocess.run([sys.executable, "-c", _MEASURE, json.dumps({"hf": shape, "seqs": seqs, "batch": batch,
                                                                         "rank": rank})],
-                         capture_output=True, text=True, timeout=240)
+                         capture_output=True, text=True, timeout=240, env=_measure_env())
     assert out.returncode == 0, out.stderr[-3000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     from transformers import Qwen3MoeConfig
@@ -326,7 +338,7 @@ def test_cpu_memory_prediction_matches_measured_peak() -> None:
                        f"--micro_batch_size {batch} --global_batch_size {batch}")
         predicted.append(memory_plan(cfg, hf_config=hf_config, num_gpus=1, device="cpu")["total"])
     for got, want in zip(measured, predicted):
-        assert want / 1.5 <= got <= want * 1.5, (measured, predicted)
+        assert want / FACTOR <= got <= want * FACTOR, (measured, predicted)
     got_slope = (measured[1] - measured[0]) / (seqs[1] - seqs[0])
     want_slope = (predicted[1] - predicted[0]) / (seqs[1] - seqs[0])
-    assert want_slope / 1.5 <= got_slope <= want_slope * 1.5, (got_slope, want_slope)
+    assert want_slope / FACTOR <= got_slope <= want_slope * FACTOR, (got_slope, want_slope)

@@ -46,10 +46,7 @@ def full_state_dict(*, grouped: bool = False) -> dict[str, torch.Tensor]:
 
 
 def _shards(sd: dict, world: int, tp: int, ep: int, etp: int = 1) -> tuple[list, list]:
-    rows = layout(world, tp=tp, ep=ep, num_experts=E)
-    for row in rows:  # megatron's expert grid with expert TP: etp fastest, then ep
-        row["etp_rank"] = row["rank"] % etp
-        row["ep_rank"] = (row["rank"] // etp) % ep
+    rows = layout(world, tp=tp, ep=ep, etp=etp, num_experts=E)
     shards = [
         shard_state_dict(sd, tp_rank=r["tp_rank"], tp_size=tp, ep_rank=r["ep_rank"],
                          ep_size=ep, rules=gpt_rules(), etp_rank=r["etp_rank"], etp_size=etp)
@@ -146,6 +143,12 @@ def test_layout_follows_megatron_rank_order() -> None:
     assert [r["ep_rank"] for r in rows] == [0, 1, 2, 3] * 2
     assert [r["expert_dp_rank"] for r in rows] == [0] * 4 + [1] * 4
     assert rows[5]["experts"] == [2, 3]
+    # with expert TP the expert grid is etp fastest, then ep, then expert-dp
+    rows = layout(8, tp=2, ep=2, etp=2, num_experts=4)
+    assert [r["etp_rank"] for r in rows] == [0, 1] * 4
+    assert [r["ep_rank"] for r in rows] == [0, 0, 1, 1] * 2
+    assert [r["expert_dp_rank"] for r in rows] == [0] * 4 + [1] * 4
+    assert rows[3]["experts"] == [2, 3]
 
 
 def test_layout_rejects_bad_degrees() -> None:
@@ -153,5 +156,7 @@ def test_layout_rejects_bad_degrees() -> None:
         layout(4, tp=3, ep=1, num_experts=4)
     with pytest.raises(ValueError, match="num_experts=6"):
         layout(4, tp=1, ep=4, num_experts=6)
+    with pytest.raises(ValueError, match="expert_tensor_parallel_size=4 does not divide"):
+        layout(4, tp=2, ep=2, etp=4, num_experts=4)
     with pytest.raises(ValueError, match="needs a model with experts"):
         layout(2, tp=1, ep=2, num_experts=0)

@@ -50,7 +50,7 @@ def _dtype(cfg: Config) -> torch.dtype:
     name = cfg.model.torch_dtype
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[name]
 
 
 def setup_distributed(cfg: Config) -> Runtime:

@@ -72,7 +72,8 @@ def lora_grad_norm(model, layout: dict[str, str]) -> float:
             continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
         kind = layout[name]
-        sums[0 if kind in ("column", "row", "glu_column") else 1 if kind == "replicated" else 2] += sq
+        # Kinds other than these two (column, row, glu_column, segments:...) are TP splits.
+        sums[1 if kind == "replicated" else 2 if kind == "expert" else 0] += sq
     if dist.is_initialized():
         tp_group = parallel_state.get_tensor_model_parallel_group()
         ep_group = parallel_state.get_expert_model_parallel_group()

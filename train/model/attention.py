@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -47,10 +46,6 @@ class SDPACoreAttention(MegatronModule):
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"SDPACoreAttention supports causal attention only, got {attn_mask_type}")
         self.layer_number = layer_number
-        tp_group = getattr(pg_collection, "tp", None) or parallel_state.get_tensor_model_parallel_group()
-        tp = tp_group.size()
-        self.num_heads = config.num_attention_heads // tp
-        self.num_groups = max(config.num_query_groups // tp, 1)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         head_dim = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
@@ -87,7 +82,10 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError("SDPACoreAttention does not take an attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             total = query.shape[0]
-            mask = segment_causal_mask(packed_seq_params.cu_seqlens_q, total=total, device=query.device)
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
+            mask = segment_causal_mask(cu_seqlens, total=total, device=query.device)
             q, k, v = (t.unsqueeze(0).transpose(1, 2) for t in (query, key, value))
             out = self._attend(q, k, v, mask)  # [1, np, t, hn]
             return out.squeeze(0).transpose(0, 1).reshape(total, -1)

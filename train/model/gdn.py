@@ -5,7 +5,7 @@ and raises on packed sequences; this module keeps its parameter names and tensor
 (`in_proj` rows [q; k; v; z; b; a] per TP shard, `conv1d`, `A_log`, `dt_bias`,
 `out_norm`, `out_proj`) but runs the torch kernels of `megalora.train.ops` (which
 dispatch to the GPU kernels when present) and accepts packed sequences (THD,
-`packed_seq_params.cu_seqlens_q`).
+`packed_seq_params.cu_seqlens_q_padded` or else `cu_seqlens_q`).
 
 Tensor parallel: q/k heads, v heads and their gates are split by key-head groups, so a
 rank's value heads only read its own key heads; `in_proj` is column-parallel,
@@ -65,7 +65,6 @@ class GatedDeltaNet(MegatronModule):
         self.layer_number = layer_number
         tp_group = getattr(pg_collection, "tp", None) or parallel_state.get_tensor_model_parallel_group()
         tp = tp_group.size()
-        self.sp_size = tp if config.sequence_parallel else 1
         self.key_head_dim = config.linear_key_head_dim
         self.value_head_dim = config.linear_value_head_dim
         self.num_key_heads = config.linear_num_key_heads // tp
@@ -131,7 +130,11 @@ class GatedDeltaNet(MegatronModule):
             raise NotImplementedError("GatedDeltaNet here has no inference cache")
         cu_seqlens = None
         if packed_seq_params is not None:
-            cu_seqlens = packed_seq_params.cu_seqlens_q
+            # Padded boundaries cover every token of the row; padding sits after a
+            # sequence's real tokens, so causality keeps the real outputs exact.
+            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+            if cu_seqlens is None:
+                cu_seqlens = packed_seq_params.cu_seqlens_q
         qkvzba, _ = self.in_proj(hidden_states)
         seq_len, batch, _ = qkvzba.shape
         qkvzba = qkvzba.transpose(0, 1)

@@ -8,7 +8,7 @@ exactly (sliding windows, rope scaling, biases in MoE layers, ...) is refused wi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +68,12 @@ class HFModelSpec:
         """The same model with only its first `num_layers` decoder layers."""
         if not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"num_layers must be in [1, {self.num_layers}], got {num_layers}")
-        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        fields.update(
+        return replace(
+            self,
             num_layers=num_layers,
             layer_types=self.layer_types[:num_layers],
             moe_layers=self.moe_layers[:num_layers],
         )
-        return HFModelSpec(**fields)
 
 
 def _require(cfg: dict[str, Any], key: str, path: str) -> Any:
@@ -149,7 +148,7 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
     else:
         layer_types = [FULL_ATTENTION] * num_layers
     moe_layers = _moe_layers(cfg, num_layers, path) if model_type != "qwen3" else (False,) * num_layers
-    spec = HFModelSpec(
+    fields: dict[str, Any] = dict(
         model_type=model_type,
         vocab_size=int(_require(cfg, "vocab_size", path)),
         hidden_size=hidden,
@@ -169,11 +168,8 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
         moe_layers=moe_layers,
         raw=dict(cfg),
     )
-    if not any(moe_layers) and not is_next:
-        return spec
-    extra: dict[str, Any] = {}
     if any(moe_layers):
-        extra.update(
+        fields.update(
             num_experts=_num_experts(cfg),
             moe_topk=int(_require(cfg, "num_experts_per_tok", path)),
             moe_ffn_hidden_size=int(_require(cfg, "moe_intermediate_size", path)),
@@ -181,7 +177,8 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
             router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0)),
         )
         if is_next:
-            extra["shared_expert_ffn_hidden_size"] = int(_require(cfg, "shared_expert_intermediate_size", path)) or None
+            shared = int(_require(cfg, "shared_expert_intermediate_size", path))
+            fields["shared_expert_ffn_hidden_size"] = shared or None
     if is_next:
         for key in (
             "linear_num_key_heads",
@@ -190,11 +187,9 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
             "linear_value_head_dim",
             "linear_conv_kernel_dim",
         ):
-            extra[key] = int(_require(cfg, key, path))
-        if extra["linear_num_value_heads"] % extra["linear_num_key_heads"]:
+            fields[key] = int(_require(cfg, key, path))
+        if fields["linear_num_value_heads"] % fields["linear_num_key_heads"]:
             raise ValueError(f"{path}: linear_num_value_heads must be a multiple of linear_num_key_heads")
-    fields = {k: getattr(spec, k) for k in spec.__dataclass_fields__}
-    fields.update(extra)
     return HFModelSpec(**fields)
 
 

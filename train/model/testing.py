@@ -166,6 +166,25 @@ def packed_sample_tokens(vocab_size: int, *, seed: int = 1) -> torch.Tensor:
     return sample_tokens(vocab_size, batch=1, seq_len=PACKED_CU_SEQLENS[-1], seed=seed)
 
 
+# The same sequences, each padded to an even length (as packing for TP=2 + SP does).
+PADDED_CU_SEQLENS = (0, 6, 14, 18)
+
+
+def real_positions() -> list[int]:
+    """Indices of the real (non-padding) tokens in the padded packed row."""
+    bounds = zip(PACKED_CU_SEQLENS[:-1], PACKED_CU_SEQLENS[1:], PADDED_CU_SEQLENS[:-1])
+    return [start + i for a, b, start in bounds for i in range(b - a)]
+
+
+def padded_packed_sample(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row [1, 18], cu_seqlens, cu_seqlens_padded): `packed_sample_tokens` with token 0
+    padding after each sequence up to `PADDED_CU_SEQLENS`."""
+    tokens = packed_sample_tokens(vocab_size)
+    row = torch.zeros(1, PADDED_CU_SEQLENS[-1], dtype=tokens.dtype)
+    row[:, real_positions()] = tokens
+    return row, torch.tensor(PACKED_CU_SEQLENS), torch.tensor(PADDED_CU_SEQLENS)
+
+
 Layout = tuple[int, int, bool]  # (tp, ep, sequence_parallel)
 
 
@@ -193,6 +212,8 @@ def rank_forward(
             packed = megatron_logits(
                 model, info, packed_sample_tokens(info.vocab_size), cu_seqlens=torch.tensor(PACKED_CU_SEQLENS)
             )
+            padded_row, real_cu, padded_cu = padded_packed_sample(info.vocab_size)
+            packed_padded = megatron_logits(model, info, padded_row, cu_seqlens=real_cu, cu_seqlens_padded=padded_cu)
             tokens = sample_tokens(info.vocab_size)
             positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
             with torch.no_grad():
@@ -203,6 +224,7 @@ def rank_forward(
                 "logits": logits if rank == 0 else None,
                 "token_loss": token_loss if rank == 0 else None,
                 "packed_logits": packed if rank == 0 else None,
+                "packed_padded_logits": packed_padded[:, real_positions()] if rank == 0 else None,
                 "param_numel": {n: p.numel() for n, p in model.named_parameters()},
                 "bytes_read": info.load.bytes_read,
                 "tp_rank": info.where.tp_rank,

@@ -68,11 +68,20 @@ def packed_positions(cu_seqlens: Tensor) -> Tensor:
     return torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
 
 
-def megatron_logits(model: torch.nn.Module, info: Any, tokens: Tensor, *, cu_seqlens: Tensor | None = None) -> Tensor:
+def megatron_logits(
+    model: torch.nn.Module,
+    info: Any,
+    tokens: Tensor,
+    *,
+    cu_seqlens: Tensor | None = None,
+    cu_seqlens_padded: Tensor | None = None,
+) -> Tensor:
     """Forward `tokens` [batch, seq] through this rank's shard; returns the full logits
     [batch, seq, vocab] (TP-gathered, padding columns dropped) on every rank.
 
-    With `cu_seqlens` ([N + 1], int) `tokens` is one packed row [1, t] of N sequences."""
+    With `cu_seqlens` ([N + 1], int) `tokens` is one packed row [1, t] of N sequences;
+    `cu_seqlens_padded` gives the segment bounds when each sequence is followed by
+    padding tokens (then `cu_seqlens` holds the real lengths)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -86,12 +95,15 @@ def megatron_logits(model: torch.nn.Module, info: Any, tokens: Tensor, *, cu_seq
         if tokens.shape[0] != 1:
             raise ValueError(f"packed tokens must be one row [1, t], got {tuple(tokens.shape)}")
         cu_seqlens = cu_seqlens.to(torch.int32)
-        positions = packed_positions(cu_seqlens)
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        bounds = cu_seqlens if cu_seqlens_padded is None else cu_seqlens_padded.to(torch.int32)
+        positions = packed_positions(bounds)
+        longest = int((bounds[1:] - bounds[:-1]).max())
         packed = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=cu_seqlens,
             cu_seqlens_kv=cu_seqlens,
+            cu_seqlens_q_padded=None if cu_seqlens_padded is None else bounds,
+            cu_seqlens_kv_padded=None if cu_seqlens_padded is None else bounds,
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
         )
