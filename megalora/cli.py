@@ -2,6 +2,7 @@
 
     megalora sft [CONFIG.yaml] [--key value ...] [--dry-run]
     megalora verify --model DIR [--adapter DIR] [--layers N] [--tensor_model_parallel_size N] ...
+    megalora export CHECKPOINT --out DIR [--merge | --adapter] [--push_to_hub ID --hub modelscope|huggingface]
 
 Each subcommand also runs as `python -m megalora ...` and `torchrun ... -m megalora ...`.
 """
@@ -22,6 +23,7 @@ commands:
   sft      LoRA fine-tuning from a YAML config and --key value overrides
            (`megalora sft CONFIG --dry-run` validates config, layout and data and trains nothing)
   verify   compare megatron against transformers logits on a checkpoint
+  export   merge a checkpoint's LoRA into HF safetensors (or write a PEFT adapter), verify, push
 
 `megalora <command> --help` lists each command's options.
 """
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"sft": cmd_sft, "verify": _cmd_verify}
+    commands = {"sft": cmd_sft, "verify": _cmd_verify, "export": _cmd_export}
     if command not in commands:
         print(f"megalora: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
@@ -123,3 +125,9 @@ def _cmd_verify(argv: list[str]) -> int:
     from megalora.train.verify_cli import cmd_verify
 
     return cmd_verify(argv)
+
+
+def _cmd_export(argv: list[str]) -> int:
+    from megalora.export.cli import cmd_export
+
+    return cmd_export(argv)

@@ -12,7 +12,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -27,13 +26,6 @@ class SpawnError(RuntimeError):
     """One or more ranks failed or timed out; the message holds every rank's report."""
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _child(
     fn: Callable[..., Any],
     rank: int,
@@ -43,7 +35,10 @@ def _child(
     timeout: float,
     results: Any,
 ) -> None:
-    """Body of one rank: set the environment, join the group, run ``fn``, report."""
+    """Body of one rank: set the environment, join the group, run ``fn``, report.
+
+    The rendezvous store is the parent's, already listening on ``MASTER_PORT``.
+    """
     os.environ.update(env)
     try:
         import torch
@@ -55,11 +50,12 @@ def _child(
         from megalora.parallel import cpu_runtime
 
         cpu_runtime.install()
+        limit = datetime.timedelta(seconds=timeout)
+        store = dist.TCPStore(
+            env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=limit
+        )
         dist.init_process_group(
-            backend="gloo",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
+            backend="gloo", store=store, rank=rank, world_size=world_size, timeout=limit
         )
         try:
             value = fn(rank, world_size, *args)
@@ -107,7 +103,8 @@ def spawn(
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` fresh processes.
 
-    Each child has ``MASTER_ADDR``/``MASTER_PORT`` (a free port per call), ``RANK``,
+    Each child has ``MASTER_ADDR``/``MASTER_PORT`` (a fresh port per call, where this
+    process hosts the rendezvous store for the duration of the call), ``RANK``,
     ``LOCAL_RANK``, ``WORLD_SIZE`` and ``OMP_NUM_THREADS=1`` set (plus ``env``), runs with one
     torch thread, has the CPU runtime for megatron-core installed and a gloo default
     process group initialised. Megatron's model-parallel state is not initialised.
@@ -119,11 +116,22 @@ def spawn(
     """
     if world_size < 1:
         raise ValueError(f"spawn: world_size must be >= 1, got {world_size}")
+    import torch.distributed as dist
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
+    # The parent hosts the rendezvous store on a port the OS picks, so the port is held
+    # from the start: no window in which another process could take it.
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
     base_env = {
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
+        "MASTER_PORT": str(store.port),
         "WORLD_SIZE": str(world_size),
         "OMP_NUM_THREADS": "1",
         **(env or {}),
@@ -144,6 +152,7 @@ def spawn(
         _stop(processes)
         results.close()
         results.join_thread()
+        del store
     if errors:
         report = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(errors.items()))
         raise SpawnError(f"spawn: {len(errors)} of {world_size} ranks failed\n{report}")

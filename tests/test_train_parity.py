@@ -7,6 +7,11 @@ elements whose gradient is near zero turn last-bit summation-order differences i
 size updates (measured here: 4.6e-5 relative on one adapter after 20 fp32 steps). float64
 keeps that noise far below the 1e-5 tolerance, so a real parallelism bug cannot hide in it."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +57,10 @@ def _assert_same_training(run_a, run_b):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=RTOL), f"step {step}"
     assert a[STEPS] < a[1]  # the run learns something: the comparison is not between two constants
-    wa, wb = _adapter(run_a), _adapter(run_b)
+    _assert_same_adapter(_adapter(run_a), _adapter(run_b))
+
+
+def _assert_same_adapter(wa, wb):
     assert wa.keys() == wb.keys()
     for k in wa:
         err = (wa[k] - wb[k]).norm() / wa[k].norm().clamp_min(1e-12)
@@ -90,9 +98,45 @@ def test_two_rank_layouts_match(train_assets, reference_run, tmp_path):
     assert not failures, failures
 
 
-def test_four_rank_tp2_ep2_sp_matches(train_assets, reference_run, tmp_path):
+def test_four_rank_tp2_ep2_sp_matches_and_resumes_on_ep2(train_assets, reference_run, tmp_path):
     run = tmp_path / "tp2ep2"
     flags = _flags(train_assets, run, "--tensor_model_parallel_size", "2", "--expert_model_parallel_size", "2",
-                   "--sequence_parallel", "true", "--micro_batch_size", "1")
+                   "--sequence_parallel", "true", "--micro_batch_size", "1", "--save_interval", "10")
     spawn(_train_rank, 4, args=([flags],), timeout=900)
+    _assert_same_training(reference_run, run)
+    # The step-10 checkpoint of TP=2 x EP=2 + SP continues on EP=2 alone, as the reference did.
+    resumed = tmp_path / "resumed-ep2"
+    flags = _flags(train_assets, resumed, "--expert_model_parallel_size", "2", "--micro_batch_size", "2",
+                   "--resume", str(run / "checkpoint-10"))
+    spawn(_train_rank, 2, args=([flags],), timeout=900)
+    ref, cont = _curve(reference_run), _curve(resumed)
+    assert sorted(cont) == list(range(11, STEPS + 1))
+    for step in cont:
+        assert cont[step] == pytest.approx(ref[step], rel=RTOL), f"step {step}"
+    _assert_same_adapter(_adapter(reference_run), _adapter(resumed))
+
+
+def test_sigterm_then_resume_continues_exactly(train_assets, reference_run, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is saved, the process exits 0; `--resume
+    latest` then gives the uninterrupted run's remaining steps and final adapter."""
+    run = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NPROC_PER_NODE", None)
+    cmd = [sys.executable, "-m", "megalora", "sft", *_flags(train_assets, run, "--micro_batch_size", "4")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(_curve(run)) >= 10:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    stopped = max(_curve(run))
+    assert 10 <= stopped < STEPS, out
+    assert f"stopped by signal {int(signal.SIGTERM)} after step {stopped}" in out
+    assert (run / f"checkpoint-{stopped}" / "meta.json").is_file()
+    resumed = subprocess.run(cmd + ["--resume", "latest"], env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from {run / f'checkpoint-{stopped}'} at step {stopped}" in resumed.stdout
     _assert_same_training(reference_run, run)

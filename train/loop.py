@@ -104,6 +104,12 @@ class Trainer:
         sums = dp_all_reduce(sums)
         return {"eval_loss": float(sums[0] / max(sums[1], 1)), "eval_acc": float(sums[2] / max(sums[1], 1))}
 
+    def last_checkpoint_path(self) -> Path:
+        """The newest checkpoint of this run, on every rank (only rank 0 tracks it while saving)."""
+        from megalora.train.run_dir import checkpoint_name
+
+        return self.run_dir / checkpoint_name(self.step)
+
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> int:
         cfg, rt = self.cfg, self.rt
@@ -160,8 +166,6 @@ class Trainer:
         finally:
             stop.restore()
             sinks.close()
-        if cfg.export.merge_lora and rt.rank == 0:
-            rt.log("megalora: merge_lora: run `megalora export` on the final checkpoint")
         if self.first_loss is not None:
             rt.log(f"megalora: loss {self.first_loss:.4f} at the first step of this run, {self.last_loss:.4f} at the last")
         rt.log(f"megalora: done; final checkpoint {self.last_checkpoint}")

@@ -170,4 +170,19 @@ def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_mo
     report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
     trainer = Trainer(cfg, rt, model=model, layout=lora_layout(model), loader=loader, val_loader=val_loader,
                       grad_accum=degrees["grad_accum"], model_dir=model_dir, report=report)
-    return trainer.run()
+    code = trainer.run()
+    if code == 0 and cfg.export.merge_lora and trainer.step == trainer.total_steps:
+        export_final(cfg, trainer.last_checkpoint_path(), rt)
+    return code
+
+
+def export_final(cfg: Config, checkpoint: Path, rt: Runtime) -> None:
+    """`merge_lora`: the merged HF export of the final checkpoint (verified), pushed when asked."""
+    from megalora.export.run import export_checkpoint
+
+    e = cfg.export
+    out = Path(cfg.checkpoint.save) / f"{checkpoint.name}-merged"
+    rt.log(f"megalora: merge_lora: writing the merged model to {out}")
+    export_checkpoint(checkpoint, out, mode="merge", max_shard_size=e.max_shard_size, push_to_hub=e.push_to_hub,
+                      hub=e.hub, token=e.hub_token, private=e.hub_private, commit_message=e.commit_message,
+                      log=rt.log)

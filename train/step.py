@@ -45,7 +45,7 @@ def forward_loss(model, batch: dict, *, device: torch.device, packed: bool) -> t
         kwargs["packed_seq_params"] = packed_seq_params(batch)
     losses = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                    attention_mask=None, labels=targets.to(device), **kwargs)
-    return losses.float(), mask.to(device)
+    return losses.double(), mask.to(device)
 
 
 def dp_all_reduce(values: torch.Tensor) -> torch.Tensor:

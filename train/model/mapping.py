@@ -58,9 +58,8 @@ def _single(t: Tensor) -> tuple[Tensor, ...]:
 
 def source_slices(source: Source, *, size: int, rank: int, world: int) -> list[tuple[int, int]]:
     """Index ranges along `source.dim` (of a tensor `size` long there) that rank `rank`
-    of `world` owns, in the order they are concatenated. Vocab sources may be cut short
-    at the real vocab size (the rest of the shard is padding)."""
-    if source.dim is None or world == 1 and not source.vocab:
+    of `world` owns, in the order they are concatenated (vocab sources: see `vocab_rows`)."""
+    if source.dim is None or world == 1:
         return [(0, size)]
     segments = source.segments or (size,)
     assert sum(segments) == size, (source.name, segments, size)
@@ -285,7 +284,7 @@ def hf_from_shards(rule: Rule, shards: list[Tensor], spec: HFModelSpec) -> dict[
     """Full HF tensors of `rule` from its megatron shards of every rank of the splitting
     group, in rank order (one shard for replicated rules); vocab padding is dropped.
     Export gathers each parameter's shards and calls this."""
-    if rule.group is None or len(shards) == 1 and not rule.sources[0].vocab:
+    if rule.group is None or len(shards) == 1:
         pieces = rule.to_hf(shards[0])
         return {s.name: p[: spec.vocab_size] if s.vocab else p for s, p in zip(rule.sources, pieces)}
     world = len(shards)

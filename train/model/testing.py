@@ -4,6 +4,10 @@ Every checkpoint is created with seeded random weights and written with
 `save_pretrained`, so the files on disk have exactly the layout transformers
 writes for real models (one tensor per routed expert, `model.safetensors` or a
 sharded set with `model.safetensors.index.json`).
+
+Also here: seeded sample inputs (padded batches, packed rows), the transformers
+reference computations, and the `rank_*` functions the multi-process tests spawn
+(spawned functions must live in an importable module).
 """
 
 from __future__ import annotations
@@ -195,9 +199,10 @@ def rank_forward(
     layouts: list[Layout],
 ) -> dict[Layout, dict[str, dict[str, Any]]]:
     """Spawn target: for each (tp, ep, sequence_parallel) layout in turn, build every model
-    in `model_dirs` on this rank, run `sample_tokens` and the packed `packed_sample_tokens`,
-    and report the gathered logits (rank 0 only), this rank's parameter element counts and the bytes it read from disk.
-    One world serves several layouts so tests pay the process start-up once."""
+    in `model_dirs` on this rank and report, on rank 0, the gathered logits for
+    `sample_tokens`, packed and padded-packed rows and the per-token loss; on every rank
+    its parameter element counts and the bytes it read from disk. One world serves
+    several layouts so tests pay the process start-up once."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
     from megalora.train.model.verify import megatron_logits

@@ -1,0 +1,255 @@
+"""PEFT-format adapters: our megatron LoRA <-> `peft` LoRA on the transformers model.
+
+Export (`megatron_to_peft`, `write_peft_adapter`) writes what `PeftModel.from_pretrained` loads
+onto the transformers model, exactly (same logits):
+
+- a fused megatron adapter (linear_qkv, GDN in_proj, gated linear_fc1) becomes one adapter per HF
+  projection, each with the same A and the matching rows of B (the row split is the mapping
+  table's own `to_hf`; B's rows are the output dim, exactly like the base weight's);
+- row-parallel targets (linear_proj/o_proj, linear_fc2/down_proj, GDN out_proj) map 1:1: their
+  mapping rules do not permute the input dim, so A and B are copied as they are;
+- routed experts use peft's fused-parameter form on transformers' `mlp.experts.gate_up_proj`
+  [E, 2F, H] / `down_proj` [E, H, F]: `lora_A` [E*r, in] with expert e's rows at e*r:(e+1)*r and
+  `lora_B` [out, E*r] with expert e's columns at e::E. With both targeted, peft nests the two
+  parameter wrappers: gate_up_proj (registered first) is the inner one, saved under
+  `experts.base_layer.lora_*`, down_proj the outer one, saved under `experts.lora_*`;
+- the router (`mlp.gate`, a custom module in transformers 5) and, on Qwen3-MoE / Qwen3-Next, the
+  dense and shared-expert `gate_proj/up_proj/down_proj` are targeted as *parameters*
+  (`target_parameters=["model.layers.L.mlp.shared_expert.gate_proj.weight", ...]`): peft renames
+  `target_modules` entries ending in gate_proj/up_proj/down_proj/gate on these architectures to
+  the fused expert parameters, so as target_modules they would silently adapt the wrong tensors;
+- the output layer's B loses its vocab padding rows; lm_head with tied embeddings works in peft
+  (LoRA on the output projection only, as ours) with a tying warning.
+
+Every target of our model has a peft form; limits on the peft side: parameter targets refuse
+`lora_dropout != 0`, so the written config has `lora_dropout: 0.0` whenever it has
+`target_parameters` (dropout only matters in training); routed-expert adapters must have the
+run's base rank (a per-parameter rank_pattern on nested wrappers is not attempted).
+
+Import (`peft_to_megatron`, `load_peft_adapter`) is exact too: where megatron fuses k HF
+projections, the fused adapter gets rank sum(r_i): A = [A_1; ...; A_k], B block-diagonal (each
+projection's B rows in its own r_i columns), each block scaled by s_i / s_megatron so the delta is
+exactly the sum of the per-projection deltas. Our LoRA modules are built with one rank for all
+(`LoraOptions.rank`), so `load_peft_adapter` replaces the lora_A / lora_B Parameters of a module
+whose rank differs with new ones of the right shape, carrying over every attribute the gradient
+and TP machinery reads (`tensor_model_parallel`, `partition_dim`, `sequence_parallel`,
+`lora_tp_allreduce`, `allreduce`, `lora_expert`). The module keeps its `scaling`; B absorbs the
+difference. Optimizers and DDP wrappers must be built after loading.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from megalora.train.model.hf_config import HFModelSpec
+from megalora.train.model.mapping import Rule, rules_for
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Architectures where peft rewrites target_modules named like the v4 expert projections.
+_PEFT_RENAMES_MLP = frozenset({"qwen3_moe", "qwen3_next"})
+_MLP_LEAVES = frozenset({"gate_proj", "up_proj", "down_proj", "gate"})
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers' registration order (peft's nesting order)
+_EXPERT_KEYS = {"gate_up_proj": ("lora_fc1_A", "lora_fc1_B"), "down_proj": ("lora_fc2_A", "lora_fc2_B")}
+
+
+def scaling_for(alpha: float, rank: int, *, use_rslora: bool) -> float:
+    """peft's (and our) factor on B·A: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One adapted megatron module and the HF tensors its base weight maps to."""
+
+    module: str  # megatron module holding lora_A / lora_B (or the expert adapters)
+    rule: Rule | None  # mapping rule of the base weight (None for routed experts)
+    hf_container: str = ""  # routed experts: transformers' `...mlp.experts` module
+
+
+def _rule_index(spec: HFModelSpec) -> dict[str, Rule]:
+    return {rule.megatron: rule for rule in rules_for(spec)}
+
+
+def _base_weight(module: str) -> str:
+    """Megatron name of the base weight a LoRA module adapts."""
+    if module.endswith(".router.lora"):
+        return module[: -len(".lora")] + ".weight"
+    if module.endswith(".shared_experts.gate_lora"):
+        return module[: -len(".gate_lora")] + ".gate_weight"
+    return module + ".weight"
+
+
+def _targets(names: list[str], rules: dict[str, Rule]) -> list[_Target]:
+    """Adapted modules in `names` (megatron LoRA tensor names), each with its mapping rule."""
+    out: dict[str, _Target] = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("lora_A", "lora_B"):
+            weight = _base_weight(module)
+            if weight not in rules:
+                raise ValueError(f"LoRA tensor {name}: no mapping rule for its base weight {weight}")
+            out.setdefault(module, _Target(module, rules[weight]))
+        elif leaf in ("lora_fc1_A", "lora_fc1_B", "lora_fc2_A", "lora_fc2_B"):
+            first = rules.get(f"{module}.local_experts.0.linear_fc1.weight")
+            if first is None:
+                raise ValueError(f"LoRA tensor {name}: {module} has no routed experts in the mapping table")
+            container = first.sources[0].name.rsplit(".", 3)[0]  # model.layers.L.mlp.experts
+            out.setdefault(module, _Target(module, None, container))
+        else:
+            raise ValueError(f"{name}: not a megatron LoRA tensor name")
+    return list(out.values())
+
+
+def _as_parameter_target(spec: HFModelSpec, hf_module: str) -> bool:
+    leaf = hf_module.rpartition(".")[2]
+    return leaf == "gate" or (spec.model_type in _PEFT_RENAMES_MLP and leaf in _MLP_LEAVES)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, lora_options: Any,
+                     base_model_name_or_path: str = "") -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Full-shape megatron LoRA tensors -> (peft tensors, adapter_config) for transformers.
+
+    `lora_options` is a `LoraOptions` (rank, alpha, use_rslora, dropout): every megatron module
+    scales by `lora_options.scaling`; a module whose rank (read from its A) differs from
+    `lora_options.rank` gets rank_pattern / alpha_pattern entries that give peft the same scale.
+    """
+    rules = _rule_index(hf_spec)
+    scale = lora_options.scaling
+    tensors: dict[str, Tensor] = {}
+    target_modules: list[str] = []
+    target_parameters: list[str] = []
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+
+    def note_rank(key: str, rank: int) -> None:
+        if rank != lora_options.rank:
+            rank_pattern[re.escape(key)] = rank
+            alpha_pattern[re.escape(key)] = scale * (math.sqrt(rank) if lora_options.use_rslora else rank)
+
+    for target in _targets(sorted(full_lora), rules):
+        if target.rule is None:
+            _export_experts(full_lora, target, hf_spec, lora_options, tensors, target_parameters)
+            continue
+        a, b = full_lora[f"{target.module}.lora_A"], full_lora[f"{target.module}.lora_B"]
+        pieces = target.rule.to_hf(b)
+        for source, piece in zip(target.rule.sources, pieces):
+            hf_module = source.name.removesuffix(".weight")
+            if source.vocab:
+                piece = piece[: hf_spec.vocab_size]
+            tensors[f"{PEFT_PREFIX}{hf_module}.lora_A.weight"] = a.detach().clone().contiguous()
+            tensors[f"{PEFT_PREFIX}{hf_module}.lora_B.weight"] = piece.detach().clone().contiguous()
+            if _as_parameter_target(hf_spec, hf_module):
+                target_parameters.append(source.name)
+                note_rank(source.name, a.shape[0])
+            else:
+                target_modules.append(hf_module)
+                note_rank(hf_module, a.shape[0])
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": int(lora_options.rank),
+        "lora_alpha": float(lora_options.alpha),
+        "use_rslora": bool(lora_options.use_rslora),
+        # peft refuses dropout on parameter targets; it only matters during training.
+        "lora_dropout": 0.0 if target_parameters else float(lora_options.dropout),
+        "target_modules": sorted(target_modules),
+        "target_parameters": sorted(target_parameters) or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+    return tensors, config
+
+
+def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, spec: HFModelSpec, options: Any,
+                    tensors: dict[str, Tensor], target_parameters: list[str]) -> None:
+    present = [p for p in _EXPERT_PARAMS if f"{target.module}.{_EXPERT_KEYS[p][0]}" in full_lora]
+    for param in present:
+        a_key, b_key = _EXPERT_KEYS[param]
+        a_ErK, b_ENr = full_lora[f"{target.module}.{a_key}"], full_lora[f"{target.module}.{b_key}"]
+        num_experts, rank, _ = a_ErK.shape
+        if rank != options.rank:
+            raise ValueError(f"{target.module}.{a_key}: routed-expert rank {rank} differs from lora_rank "
+                             f"{options.rank}; peft's fused expert form is written only at the base rank")
+        if param == "gate_up_proj":
+            # megatron fc1 rows [gate; up] -> transformers' fused gate_up_proj rows, via the table
+            fc1_rule_to_hf = _expert_fc1_to_hf(target)
+            b_ENr = torch.stack([torch.cat(fc1_rule_to_hf(b_ENr[e]), dim=0) for e in range(num_experts)])
+        # peft: expert e's A rows at e*r:(e+1)*r, its B columns at e::E
+        a_peft = a_ErK.reshape(num_experts * rank, -1)
+        b_peft = b_ENr.permute(1, 2, 0).reshape(b_ENr.shape[1], rank * num_experts)
+        nested = ".base_layer" if param == "gate_up_proj" and len(present) == 2 else ""
+        stem = f"{PEFT_PREFIX}{target.hf_container}{nested}"
+        tensors[f"{stem}.lora_A.weight"] = a_peft.detach().clone().contiguous()
+        tensors[f"{stem}.lora_B.weight"] = b_peft.detach().clone().contiguous()
+        target_parameters.append(f"{target.hf_container}.{param}")
+
+
+def _expert_fc1_to_hf(target: _Target):
+    """The mapping table's row split of routed-expert fc1 ([gate; up])."""
+    from megalora.train.model import layouts
+
+    return layouts.gate_up_to_hf
+
+
+def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Read a training checkpoint (adapter_model.safetensors + meta.json) and write
+    `adapter_config.json` + `adapter_model.safetensors` that peft loads onto the base model."""
+    from safetensors.torch import load_file, save_file
+
+    from megalora.train.lora.options import LoraOptions
+    from megalora.train.model.hf_config import read_hf_config
+
+    ckpt = Path(checkpoint_dir)
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    lora = (meta.get("config") or {}).get("lora")
+    if not lora or "base_model" not in meta:
+        raise ValueError(f"{meta_path}: needs keys 'base_model' and 'config.lora'")
+    try:
+        options = LoraOptions(rank=int(lora["lora_rank"]), alpha=float(lora["lora_alpha"]),
+                              dropout=float(lora.get("lora_dropout", 0.0)),
+                              use_rslora=bool(lora.get("use_rslora", False)))
+    except KeyError as err:
+        raise ValueError(f"{meta_path}: config.lora lacks {err}") from None
+    spec = read_hf_config(meta["base_model"])
+    num_layers = ((meta.get("config") or {}).get("model") or {}).get("num_layers")
+    if num_layers:
+        spec = spec.truncated(int(num_layers))
+    full = load_file(str(ckpt / ADAPTER_WEIGHTS))
+    tensors, config = megatron_to_peft(full, hf_spec=spec, lora_options=options,
+                                       base_model_name_or_path=str(meta["base_model"]))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+from megalora.train.lora.peft_import import load_peft_adapter, peft_to_megatron  # noqa: E402,F401
