@@ -2,7 +2,7 @@
 
 megatron-core 0.16.1 assumes a GPU in a handful of places on the model, MoE dispatcher,
 rotary and recompute paths. ``install()`` redirects each of them to the CPU; every
-redirection below is listed in ``CHANGES`` and has its own test.
+redirection below has its own test (``tests/test_cpu_runtime.py``).
 
 What changes (only when ``torch.cuda.is_available()`` is false):
 
@@ -42,19 +42,6 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
-
-CHANGES = (
-    "current_device",
-    "tensor_cuda",
-    "rng",
-    "streams",
-    "cuda_literals",
-    "gloo_all_to_all_splits",
-    "gloo_uneven_all_gather",
-    "gloo_uneven_reduce_scatter",
-    "te_general_gemm",
-    "jit_fuser",
-)
 
 # megatron functions that build tensors with device="cuda" literals, per module.
 _CUDA_LITERAL_FUNCTIONS = {

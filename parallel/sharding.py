@@ -31,7 +31,9 @@ KINDS = ("replicated", "column", "row", "glu_column", "vocab")
 # Expert-parameter names: SequentialMLP and the grouped-GEMM layout.
 _EXPERT_PATTERNS = (
     re.compile(r"^(?P<prefix>.*\.experts\.local_experts\.)(?P<idx>\d+)(?P<suffix>\..+)$"),
-    re.compile(r"^(?P<prefix>.*\.experts\.linear_fc[12]\.(?:weight|bias))(?P<idx>\d+)(?P<suffix>)$"),
+    re.compile(
+        r"^(?P<prefix>.*\.experts\.linear_fc[12]\.(?:weight|bias))(?P<idx>\d+)(?P<suffix>)$"
+    ),
 )
 
 

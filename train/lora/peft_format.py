@@ -71,8 +71,8 @@ class _Target:
     """One adapted megatron module and the HF tensors its base weight maps to."""
 
     module: str  # megatron module holding lora_A / lora_B (or the expert adapters)
-    rule: Rule | None  # mapping rule of the base weight (None for routed experts)
-    hf_container: str = ""  # routed experts: transformers' `...mlp.experts` module
+    rule: Rule  # mapping rule of the base weight (routed experts: expert 0's linear_fc1)
+    hf_container: str = ""  # routed experts only: transformers' `...mlp.experts` module
 
 
 def _rule_index(spec: HFModelSpec) -> dict[str, Rule]:
@@ -103,7 +103,7 @@ def _targets(names: list[str], rules: dict[str, Rule]) -> list[_Target]:
             if first is None:
                 raise ValueError(f"LoRA tensor {name}: {module} has no routed experts in the mapping table")
             container = first.sources[0].name.rsplit(".", 3)[0]  # model.layers.L.mlp.experts
-            out.setdefault(module, _Target(module, None, container))
+            out.setdefault(module, _Target(module, first, container))
         else:
             raise ValueError(f"{name}: not a megatron LoRA tensor name")
     return list(out.values())
@@ -141,8 +141,8 @@ def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, l
             alpha_pattern[re.escape(key)] = scale * (math.sqrt(rank) if lora_options.use_rslora else rank)
 
     for target in _targets(sorted(full_lora), rules):
-        if target.rule is None:
-            _export_experts(full_lora, target, hf_spec, lora_options, tensors, target_parameters)
+        if target.hf_container:
+            _export_experts(full_lora, target, lora_options, tensors, target_parameters)
             continue
         a, b = full_lora[f"{target.module}.lora_A"], full_lora[f"{target.module}.lora_B"]
         pieces = target.rule.to_hf(b)
@@ -185,7 +185,7 @@ def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, l
     return tensors, config
 
 
-def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, spec: HFModelSpec, options: Any,
+def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, options: Any,
                     tensors: dict[str, Tensor], target_parameters: list[str]) -> None:
     present = [p for p in _EXPERT_PARAMS if f"{target.module}.{_EXPERT_KEYS[p][0]}" in full_lora]
     for param in present:
@@ -196,9 +196,9 @@ def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, spec: HFMo
             raise ValueError(f"{target.module}.{a_key}: routed-expert rank {rank} differs from lora_rank "
                              f"{options.rank}; peft's fused expert form is written only at the base rank")
         if param == "gate_up_proj":
-            # megatron fc1 rows [gate; up] -> transformers' fused gate_up_proj rows, via the table
-            fc1_rule_to_hf = _expert_fc1_to_hf(target)
-            b_ENr = torch.stack([torch.cat(fc1_rule_to_hf(b_ENr[e]), dim=0) for e in range(num_experts)])
+            # megatron fc1 rows -> per-expert gate_proj / up_proj rows (the table's split), which
+            # transformers stacks as gate_up_proj = [gate; up]
+            b_ENr = torch.stack([torch.cat(target.rule.to_hf(b_ENr[e]), dim=0) for e in range(num_experts)])
         # peft: expert e's A rows at e*r:(e+1)*r, its B columns at e::E
         a_peft = a_ErK.reshape(num_experts * rank, -1)
         b_peft = b_ENr.permute(1, 2, 0).reshape(b_ENr.shape[1], rank * num_experts)
@@ -207,13 +207,6 @@ def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, spec: HFMo
         tensors[f"{stem}.lora_A.weight"] = a_peft.detach().clone().contiguous()
         tensors[f"{stem}.lora_B.weight"] = b_peft.detach().clone().contiguous()
         target_parameters.append(f"{target.hf_container}.{param}")
-
-
-def _expert_fc1_to_hf(target: _Target):
-    """The mapping table's row split of routed-expert fc1 ([gate; up])."""
-    from megalora.train.model import layouts
-
-    return layouts.gate_up_to_hf
 
 
 def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
@@ -252,4 +245,17 @@ def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-from megalora.train.lora.peft_import import load_peft_adapter, peft_to_megatron  # noqa: E402,F401
+def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping[str, Any], *,
+                     hf_spec: HFModelSpec, scaling: float | None = None) -> dict[str, Tensor]:
+    """peft tensors + adapter_config -> full megatron LoRA dict (see `peft_import.peft_to_megatron`)."""
+    from megalora.train.lora import peft_import
+
+    return peft_import.peft_to_megatron(peft_tensors, adapter_config, hf_spec=hf_spec, scaling=scaling)
+
+
+def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec) -> dict[str, int]:
+    """Load a peft adapter folder into a model wrapped by `apply_lora`, on any layout
+    (see `peft_import.load_peft_adapter`)."""
+    from megalora.train.lora import peft_import
+
+    return peft_import.load_peft_adapter(model, adapter_dir, hf_spec=hf_spec)

@@ -1,0 +1,102 @@
+"""The command line, run as users run it: subprocesses, torchrun, exit codes and messages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, *, env_extra=None, timeout=900, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("NPROC_PER_NODE", "NNODES", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    env.update(env_extra or {})
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands_and_config_keys():
+    top = _run([sys.executable, "-m", "megalora", "--help"])
+    assert top.returncode == 0
+    for command in ("sft", "verify", "export"):
+        assert f"  {command}" in top.stdout
+    sft = _run([sys.executable, "-m", "megalora", "sft", "--help"])
+    assert sft.returncode == 0
+    for key in ("--lora_rank", "--expert_model_parallel_size", "--sequence_parallel", "--recompute_granularity",
+                "--dry-run", "--load_safetensors", "--moe_permute_fusion"):
+        assert key in sft.stdout
+
+
+def test_dry_run_rejects_ep_not_dividing_the_experts(demo_assets):
+    r = _run([sys.executable, "-m", "megalora", "sft", "configs/demo.yaml", "--dry-run", "--model",
+              str(demo_assets.model_dir), "--expert_model_parallel_size", "3", "--global_batch_size", "12"],
+             env_extra={"NPROC_PER_NODE": "3"})
+    assert r.returncode != 0
+    assert "`expert_model_parallel_size`=3 does not divide the 8 experts" in r.stderr
+
+
+def test_dry_run_prints_layout_and_data(demo_assets):
+    r = _run([sys.executable, "-m", "megalora", "sft", "configs/demo.yaml", "--dry-run", "--model",
+              str(demo_assets.model_dir), "--dataset", f"{demo_assets.data_file}#40"],
+             env_extra={"NPROC_PER_NODE": "2"})
+    assert r.returncode == 0, r.stderr
+    assert "rank  tp  ep  dp  expert_dp  experts" in r.stdout
+    assert "   0   0   0   0          0  0-3" in r.stdout and "   1   0   1   1          0  4-7" in r.stdout
+    assert "data[train]: 40 rows read, 40 kept, 0 skipped" in r.stdout
+    assert "[[" in r.stdout and "<|im_end|>]]" in r.stdout  # trained tokens marked
+    assert "dry run: ok (nothing was trained)" in r.stdout
+
+
+def test_eight_gpu_recipe_passes_dry_run_with_local_model_and_data(demo_assets):
+    """The well-known 8-GPU command with `megatron sft` replaced by `megalora sft`, `--model` and
+    `--dataset` pointed at local files; validated for 8 ranks, nothing launched."""
+    data = str(demo_assets.data_file)
+    recipe = f"""--model {demo_assets.model_dir} --load_safetensors true --save_safetensors true --merge_lora true
+    --dataset {data}#50 {data}#50 {data}#50 --load_from_cache_file true --tuner_type lora --lora_rank 8
+    --lora_alpha 32 --target_modules all-linear --expert_model_parallel_size 4 --moe_permute_fusion true
+    --moe_grouped_gemm true --moe_shared_expert_overlap true --moe_aux_loss_coeff 1e-3 --micro_batch_size 2
+    --global_batch_size 16 --recompute_granularity full --recompute_method uniform --recompute_num_layers 1
+    --max_epochs 1 --finetune true --cross_entropy_loss_fusion true --lr 1e-4 --lr_warmup_fraction 0.05
+    --min_lr 1e-5 --save megatron_output/Qwen3-Coder-Next --eval_interval 200 --save_interval 200
+    --max_length 2048 --num_workers 8 --dataset_num_proc 8 --no_save_optim true --no_save_rng true
+    --sequence_parallel true --attention_backend flash --model_author swift --model_name swift-robot""".split()
+    r = _run([sys.executable, "-m", "megalora", "sft", *recipe, "--dry-run"], env_extra={"NPROC_PER_NODE": "8"})
+    assert r.returncode == 0, r.stderr
+    assert "layout: world 8 = TP 1 x DP 8; experts: EP 4 x expert-DP 2" in r.stdout
+    assert "`sequence_parallel` has no effect with tensor_model_parallel_size=1" in r.stderr
+    assert "--load_safetensors True: not applicable" in r.stdout
+    assert "--moe_permute_fusion True: unavailable without CUDA" in r.stdout
+    assert "data[train]: 150 rows read, 150 kept" in r.stdout
+    assert not (ROOT / "megatron_output").exists()
+
+
+def test_verify_one_rank_and_torchrun_tp2_ep2_sp(demo_assets):
+    one = _run([sys.executable, "-m", "megalora", "verify", "--model", str(demo_assets.model_dir)])
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip().splitlines()[-1].endswith("status=ok")
+    four = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "-m", "megalora", "verify",
+                 "--model", str(demo_assets.model_dir), "--tensor_model_parallel_size", "2",
+                 "--expert_model_parallel_size", "2", "--sequence_parallel", "true"], timeout=900)
+    assert four.returncode == 0, four.stderr[-3000:]
+    lines = [l for l in four.stdout.splitlines() if l.startswith("verify: ")]
+    assert len(lines) == 1 and lines[0].endswith("status=ok")
+    rel = float(lines[0].split("rel_l2=")[1].split()[0])
+    assert rel <= 1e-5
+
+
+def test_demo_main_command_trains_and_halves_the_loss(tmp_path):
+    """README's main job: `megalora sft configs/demo.yaml` relaunches itself under torchrun on 2
+    CPU ranks with EP=2, makes the tiny model and data, and the loss falls to half or less."""
+    run = tmp_path / "demo"
+    r = _run([sys.executable, "-m", "megalora", "sft", "configs/demo.yaml", "--save", str(run)],
+             env_extra={"NPROC_PER_NODE": "2"}, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "launching" in r.stdout and "--nproc_per_node=2" in r.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 61))
+    assert rows[-1]["loss"] <= rows[0]["loss"] / 2, (rows[0]["loss"], rows[-1]["loss"])
+    assert (run / "checkpoint-60" / "adapter_model.safetensors").is_file()
+    assert "megalora: loss" in r.stdout

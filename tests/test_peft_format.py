@@ -1,0 +1,180 @@
+"""PEFT-format adapters, single process, fp32, tiny Qwen3-Next and Qwen3-MoE made by transformers.
+
+Oracles: peft itself (our export loaded by `PeftModel.from_pretrained` must give our megatron+LoRA
+logits; an adapter peft made must give peft's logits once imported) and our own megatron model
+(export -> import round trip)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megalora.config import LoraSection
+from megalora.parallel import groups
+from megalora.train.lora.apply import apply_lora
+from megalora.train.lora.layout import lora_layout
+from megalora.train.lora.options import LoraOptions
+from megalora.train.lora.peft_format import load_peft_adapter, megatron_to_peft, write_peft_adapter
+from megalora.train.model.testing import make_tiny_checkpoint
+from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits, transformers_logits
+
+ALL = ["all-linear", "router", "shared_expert_gate", "output_layer"]
+RANK, ALPHA = 4, 8.0
+TOL = 1e-5
+
+
+def build_lora_model(hf_dir: Path, *, rank: int = RANK, alpha: float = ALPHA, use_rslora: bool = False,
+                     seed: int = 0, sequence_parallel: bool = False):
+    """Our megatron model with LoRA on every target (router, gates, output layer included)."""
+    from megalora.train.model.build import build_model
+
+    model, info = build_model(hf_dir, sequence_parallel=sequence_parallel)
+    section = LoraSection(lora_rank=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=ALL)
+    report = apply_lora(model, section, seed=seed, expert_impl="loop", verbose=False)
+    return model, info, report
+
+
+def randomize(named: dict[str, torch.nn.Parameter], *, seed: int, scale: float = 0.15) -> None:
+    """Non-zero A and B everywhere (B starts at zero, which would make every check trivial)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in sorted(named):
+            named[name].copy_(torch.randn(named[name].shape, generator=gen) * scale)
+
+
+def peft_made_adapter(hf_dir: Path, out: Path, *, kind: str) -> torch.Tensor:
+    """An adapter created by peft on the transformers model, random non-zero on every target it
+    supports; saved to `out`. Returns peft's logits for `default_tokens`."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if kind == "converted":
+        # peft's own names: it moves gate/up/down_proj and gate to the fused expert parameters
+        # (gate_up_proj at rank 2r, alpha 2x) and the router; the shared expert gets nothing.
+        config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, use_rslora=True, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj",
+            "gate_proj", "up_proj", "down_proj", "gate", "shared_expert_gate", "lm_head"])
+    else:
+        # every linear as a module or parameter target, uneven ranks inside the fused q/k/v
+        config = peft.LoraConfig(
+            r=RANK, lora_alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
+                               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"],
+            rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 4.0})
+    pm = peft.get_peft_model(model, config)
+    randomize({n: p for n, p in pm.named_parameters() if "lora_" in n}, seed=7)
+    pm.save_pretrained(out)
+    pm.eval()
+    with torch.no_grad():
+        return pm(default_tokens(model.config.vocab_size, num_tokens=16)).logits.float()
+
+
+@pytest.fixture(scope="module", params=["qwen3_next_a", "qwen3_moe"])
+def case(request, tmp_path_factory):
+    """Checkpoint, our LoRA model's logits, its exported adapter, a peft-made adapter + logits."""
+    groups.initialize(tp=1, ep=1)
+    root = tmp_path_factory.mktemp(request.param)
+    hf_dir = make_tiny_checkpoint(request.param, root / "hf", seed=3)
+    model, info, report = build_lora_model(hf_dir, use_rslora=request.param == "qwen3_moe")
+    layout = lora_layout(model)
+    randomize({n: p for n, p in model.named_parameters() if n in layout}, seed=1)
+    tokens = default_tokens(info.vocab_size, num_tokens=16)
+    ckpt = root / "checkpoint-1"
+    ckpt.mkdir()
+    full = {n: p.detach().clone() for n, p in model.named_parameters() if n in layout}
+    save_file(full, str(ckpt / "adapter_model.safetensors"))
+    lora = {"lora_rank": RANK, "lora_alpha": ALPHA, "use_rslora": request.param == "qwen3_moe", "lora_dropout": 0.0}
+    (ckpt / "meta.json").write_text(json.dumps({"base_model": str(hf_dir), "config": {"lora": lora}}))
+    exported = write_peft_adapter(ckpt, root / "exported")
+    kind = "converted" if request.param == "qwen3_next_a" else "explicit"
+    peft_logits = peft_made_adapter(hf_dir, root / "peft_made", kind=kind)
+    yield {"hf_dir": hf_dir, "model": model, "info": info, "report": report, "full": full, "tokens": tokens,
+           "logits": megatron_logits(model, info, tokens), "exported": exported, "lora": lora,
+           "peft_dir": root / "peft_made", "peft_logits": peft_logits, "kind": kind}
+    groups.destroy()
+
+
+def test_export_loads_in_peft_with_our_logits(case) -> None:
+    reference = transformers_logits(case["hf_dir"], case["tokens"], adapter=case["exported"])
+    result = compare_logits(case["logits"], reference, tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
+    # the adapter really changes the model (a no-op adapter would pass the check above trivially)
+    base = transformers_logits(case["hf_dir"], case["tokens"])
+    assert compare_logits(base, reference, tolerance=TOL).rel_l2 > 1e-2
+    config = json.loads((case["exported"] / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == RANK and config["base_model_name_or_path"] == str(case["hf_dir"])
+
+
+def test_export_covers_every_peft_target_and_counts(case) -> None:
+    """peft loads every exported tensor (none missing, none left initialised), and the trainable
+    count peft reports equals ours plus what the per-projection form duplicates."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(case["hf_dir"], dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(model, str(case["exported"]), is_trainable=True)
+    exported = load_file(str(case["exported"] / "adapter_model.safetensors"))
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert len(trainable) == len(exported)
+    peft_count = sum(p.numel() for p in trainable.values())
+    assert peft_count == sum(t.numel() for t in exported.values())
+    # ours: one A per fused module (k HF projections share it) and B over the padded vocab
+    model_params = dict(case["model"].named_parameters())
+    spec, info = case["info"].spec, case["info"]
+    duplicated = 0
+    for name, p in model_params.items():
+        if name.endswith(".linear_qkv.lora_A"):
+            duplicated += 2 * p.numel()
+        elif name.endswith((".in_proj.lora_A", ".linear_fc1.lora_A")):
+            duplicated += p.numel()
+    padding = (info.padded_vocab_size - spec.vocab_size) * RANK
+    assert case["report"].total_trainable + duplicated - padding == peft_count
+
+
+def test_peft_made_adapter_imports_with_peft_logits(case) -> None:
+    from megalora.train.model.hf_config import read_hf_config
+
+    # a different megatron scale than peft's (alpha 2 vs 8 or 16): B absorbs the difference
+    model, info, _ = build_lora_model(case["hf_dir"], alpha=2.0, seed=9)
+    ranks = load_peft_adapter(model, case["peft_dir"], hf_spec=read_hf_config(case["hf_dir"]))
+    result = compare_logits(megatron_logits(model, info, case["tokens"]), case["peft_logits"], tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
+    qkv = next(n for n in ranks if n.endswith("linear_qkv.lora_A"))
+    assert ranks[qkv] == (3 * RANK if case["kind"] == "converted" else RANK + 2 + RANK)
+
+
+def test_export_import_round_trip(case) -> None:
+    from megalora.train.model.hf_config import read_hf_config
+
+    model, info, _ = build_lora_model(case["hf_dir"], alpha=ALPHA, use_rslora=case["lora"]["use_rslora"], seed=5)
+    load_peft_adapter(model, case["exported"], hf_spec=read_hf_config(case["hf_dir"]))
+    result = compare_logits(megatron_logits(model, info, case["tokens"]), case["logits"], tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
+
+
+def test_megatron_to_peft_rank_pattern_for_wider_modules(case) -> None:
+    """A checkpoint whose fused module has a larger rank (as after an import) exports with
+    rank/alpha patterns that keep peft's scale equal to ours."""
+    spec, opts = case["info"].spec, LoraOptions(rank=RANK, alpha=ALPHA, use_rslora=case["lora"]["use_rslora"])
+    full = dict(case["full"])
+    name = next(n for n in full if n.endswith("linear_qkv.lora_A"))
+    b_name = name[: -1] + "B"
+    full[name] = torch.cat([full[name], full[name]])
+    full[b_name] = torch.cat([full[b_name], full[b_name]], dim=1) / 2  # same delta at twice the rank
+    tensors, config = megatron_to_peft(full, hf_spec=spec, lora_options=opts, base_model_name_or_path="x")
+    assert sorted(config["rank_pattern"].values()) == [2 * RANK] * 3
+    ref, _ = megatron_to_peft(case["full"], hf_spec=spec, lora_options=opts)
+    checked = 0
+    for pattern, alpha in config["alpha_pattern"].items():
+        stem = "base_model.model." + pattern.replace("\\", "")
+        wide_scale = alpha / ((2 * RANK) ** 0.5 if opts.use_rslora else 2 * RANK)
+        a, b = f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+        assert tensors[a].shape[0] == 2 * RANK
+        torch.testing.assert_close(tensors[b] @ tensors[a] * wide_scale, ref[b] @ ref[a] * opts.scaling)
+        checked += 1
+    assert checked == 3
