@@ -59,12 +59,15 @@ def peft_made_adapter(hf_dir: Path, out: Path, *, kind: str) -> torch.Tensor:
             "q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj",
             "gate_proj", "up_proj", "down_proj", "gate", "shared_expert_gate", "lm_head"])
     else:
-        # every linear as a module or parameter target, uneven ranks inside the fused q/k/v
+        # every linear as a module or parameter target (peft would rename the MLP projections
+        # given as target_modules), uneven ranks and alphas inside the fused q/k/v
         config = peft.LoraConfig(
-            r=RANK, lora_alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],
+            r=RANK, lora_alpha=16.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj",
+                            "shared_expert_gate", "lm_head"],
             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight",
-                               "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"],
-            rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 4.0})
+                               "gate_proj.weight", "up_proj.weight", "down_proj.weight"],
+            rank_pattern={"k_proj": 2, "in_proj_ba": 3}, alpha_pattern={"v_proj": 4.0})
     pm = peft.get_peft_model(model, config)
     randomize({n: p for n, p in pm.named_parameters() if "lora_" in n}, seed=7)
     pm.save_pretrained(out)
@@ -73,7 +76,7 @@ def peft_made_adapter(hf_dir: Path, out: Path, *, kind: str) -> torch.Tensor:
         return pm(default_tokens(model.config.vocab_size, num_tokens=16)).logits.float()
 
 
-@pytest.fixture(scope="module", params=["qwen3_next_a", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["qwen3_next_a", "qwen3_moe", "qwen3"])
 def case(request, tmp_path_factory):
     """Checkpoint, our LoRA model's logits, its exported adapter, a peft-made adapter + logits."""
     groups.initialize(tp=1, ep=1)
@@ -90,11 +93,11 @@ def case(request, tmp_path_factory):
     lora = {"lora_rank": RANK, "lora_alpha": ALPHA, "use_rslora": request.param == "qwen3_moe", "lora_dropout": 0.0}
     (ckpt / "meta.json").write_text(json.dumps({"base_model": str(hf_dir), "config": {"lora": lora}}))
     exported = write_peft_adapter(ckpt, root / "exported")
-    kind = "converted" if request.param == "qwen3_next_a" else "explicit"
-    peft_logits = peft_made_adapter(hf_dir, root / "peft_made", kind=kind)
+    peft_made = {kind: (root / kind, peft_made_adapter(hf_dir, root / kind, kind=kind))
+                 for kind in ("converted", "explicit")}
     yield {"hf_dir": hf_dir, "model": model, "info": info, "report": report, "full": full, "tokens": tokens,
            "logits": megatron_logits(model, info, tokens), "exported": exported, "lora": lora,
-           "peft_dir": root / "peft_made", "peft_logits": peft_logits, "kind": kind}
+           "peft_made": peft_made}
     groups.destroy()
 
 
@@ -136,16 +139,31 @@ def test_export_covers_every_peft_target_and_counts(case) -> None:
     assert case["report"].total_trainable + duplicated - padding == peft_count
 
 
-def test_peft_made_adapter_imports_with_peft_logits(case) -> None:
+@pytest.mark.parametrize("kind", ["converted", "explicit"])
+def test_peft_made_adapter_imports_with_peft_logits(case, kind, tmp_path) -> None:
     from megalora.train.model.hf_config import read_hf_config
 
+    peft_dir, peft_logits = case["peft_made"][kind]
     # a different megatron scale than peft's (alpha 2 vs 8 or 16): B absorbs the difference
     model, info, _ = build_lora_model(case["hf_dir"], alpha=2.0, seed=9)
-    ranks = load_peft_adapter(model, case["peft_dir"], hf_spec=read_hf_config(case["hf_dir"]))
-    result = compare_logits(megatron_logits(model, info, case["tokens"]), case["peft_logits"], tolerance=TOL)
+    ranks = load_peft_adapter(model, peft_dir, hf_spec=read_hf_config(case["hf_dir"]))
+    result = compare_logits(megatron_logits(model, info, case["tokens"]), peft_logits, tolerance=TOL)
     assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
     qkv = next(n for n in ranks if n.endswith("linear_qkv.lora_A"))
-    assert ranks[qkv] == (3 * RANK if case["kind"] == "converted" else RANK + 2 + RANK)
+    assert ranks[qkv] == (3 * RANK if kind == "converted" else RANK + 2 + RANK)
+    # peft's own rename leaves the shared expert without adapter: our B there is zeroed
+    params = dict(model.named_parameters())
+    shared_b = [n for n in params if ".shared_experts.linear_fc1.lora_B" in n]
+    assert all((params[n].abs().sum() == 0) == (kind == "converted") for n in shared_b)
+    # and back: the imported (wider, rescaled) adapters export to what peft loads with its logits
+    layout = lora_layout(model)
+    tensors, config = megatron_to_peft({n: p.detach() for n, p in params.items() if n in layout},
+                                       hf_spec=info.spec, lora_options=LoraOptions(rank=RANK, alpha=2.0))
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    again = transformers_logits(case["hf_dir"], case["tokens"], adapter=tmp_path)
+    result = compare_logits(again, peft_logits, tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
 
 
 def test_export_import_round_trip(case) -> None:
@@ -157,9 +175,9 @@ def test_export_import_round_trip(case) -> None:
     assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
 
 
-def test_megatron_to_peft_rank_pattern_for_wider_modules(case) -> None:
+def test_megatron_to_peft_rank_pattern_for_wider_modules(case, tmp_path) -> None:
     """A checkpoint whose fused module has a larger rank (as after an import) exports with
-    rank/alpha patterns that keep peft's scale equal to ours."""
+    rank/alpha patterns that keep peft's scale equal to ours; peft loads it with our logits."""
     spec, opts = case["info"].spec, LoraOptions(rank=RANK, alpha=ALPHA, use_rslora=case["lora"]["use_rslora"])
     full = dict(case["full"])
     name = next(n for n in full if n.endswith("linear_qkv.lora_A"))
@@ -178,3 +196,8 @@ def test_megatron_to_peft_rank_pattern_for_wider_modules(case) -> None:
         torch.testing.assert_close(tensors[b] @ tensors[a] * wide_scale, ref[b] @ ref[a] * opts.scaling)
         checked += 1
     assert checked == 3
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    reference = transformers_logits(case["hf_dir"], case["tokens"], adapter=tmp_path)
+    result = compare_logits(case["logits"], reference, tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()

@@ -262,14 +262,18 @@ def test_lora_step_flops_equal_counted() -> None:
 
 
 _MEASURE = textwrap.dedent('''
-    import gc, json, resource, sys
+    import gc, json, sys
     import torch
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     from peft import LoraConfig, get_peft_model
 
-    def rss_kib():
+    def status_kib(key):
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+    def reset_peak():  # Linux: restart the high-water mark VmHWM at the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
     def build(shape):
         model = get_peft_model(Qwen3MoeForCausalLM(Qwen3MoeConfig(**shape)), LoraConfig(
@@ -293,14 +297,17 @@ _MEASURE = textwrap.dedent('''
     step(m, o, warm["vocab_size"], 1, 16)
     del m, o
     gc.collect()
-    base = rss_kib()
+    base = status_kib("VmRSS")
     model, opt = build(args["hf"])
+    step(model, opt, args["hf"]["vocab_size"], 1, 16)  # creates the AdamW states, as in any later step
     peaks = []
-    for seq in args["seqs"]:  # ascending, so each peak is that length's own high-water mark
+    for seq in args["seqs"]:
+        reset_peak()
         step(model, opt, args["hf"]["vocab_size"], args["batch"], seq)
-        peaks.append((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+        peaks.append((status_kib("VmHWM") - base) * 1024)
     print(json.dumps(peaks))
 ''')
+
 
 
 # Stated tolerance of the planner against a measured CPU step (see the module docstring).
@@ -309,8 +316,8 @@ FACTOR = 1.25
 
 def _measure_env() -> dict[str, str]:
     """glibc malloc with a fixed mmap threshold: every tensor buffer over 64 KiB is mapped on
-    allocation and unmapped on free, so peak RSS follows peak live tensor bytes rather than heap
-    arenas that grow with thread timing (without it, repeated runs differed by ~20 MiB here)."""
+    allocation and unmapped on free, so the RSS high-water mark follows peak live tensor bytes
+    rather than heap arenas that grow with thread timing (without it, runs differed by ~20 MiB)."""
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
 
 

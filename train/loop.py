@@ -70,14 +70,27 @@ class Trainer:
         meta = load_checkpoint(path, model=self.model, optimizer=self.optimizer, layout=self.layout,
                                same_layout=same, log=self.rt.log)
         self.step = int(meta["step"])
-        self.loader.load_state_dict(meta["data_loader"])
+        self.loader.load_state_dict(self._loader_state_for_this_layout(meta["data_loader"], path))
         self.last_checkpoint = path
         self.rt.log(f"megalora: resumed from {path} at step {self.step}")
+
+    def _loader_state_for_this_layout(self, saved: dict, path: Path) -> dict:
+        """The saved position counts the saving layout's micro-batches; convert it through the
+        number of samples consumed in the epoch, which every layout agrees on."""
+        sampler = self.loader.sampler
+        consumed = saved["position"] * saved.get("micro_batch_size", sampler.micro_batch_size) * \
+            saved.get("dp_size", sampler.dp_size)
+        per_round = sampler.micro_batch_size * sampler.dp_size
+        if consumed % per_round:
+            raise ValueError(f"`resume`: {path} stopped after {consumed} samples of its epoch, not a whole number "
+                             f"of this run's micro-batch rounds ({per_round} samples); keep global_batch_size")
+        return {"epoch": saved["epoch"], "position": consumed // per_round}
 
     # -- pieces --------------------------------------------------------------------------
     def _meta(self) -> dict:
         return {"base_model": str(self.model_dir), "base_model_fingerprint": self.fingerprint,
-                "data_loader": self.loader.state_dict(), "layout": self._layout_signature(),
+                "data_loader": {**self.loader.state_dict(), "micro_batch_size": self.loader.sampler.micro_batch_size,
+                                "dp_size": self.loader.sampler.dp_size}, "layout": self._layout_signature(),
                 "config": self.cfg.to_dict(), "total_steps": self.total_steps}
 
     def save(self) -> None:

@@ -23,8 +23,9 @@ onto the transformers model, exactly (same logits):
 
 Every target of our model has a peft form; limits on the peft side: parameter targets refuse
 `lora_dropout != 0`, so the written config has `lora_dropout: 0.0` whenever it has
-`target_parameters` (dropout only matters in training); routed-expert adapters must have the
-run's base rank (a per-parameter rank_pattern on nested wrappers is not attempted).
+`target_parameters` (dropout only matters in training). A module whose rank differs from the
+run's `lora_rank` (a fused module after an import) gets exact-name `rank_pattern` /
+`alpha_pattern` entries that give peft the module's own scale.
 
 Import (`peft_to_megatron`, `load_peft_adapter`) is exact too: where megatron fuses k HF
 projections, the fused adapter gets rank sum(r_i): A = [A_1; ...; A_k], B block-diagonal (each
@@ -49,7 +50,7 @@ import torch
 from torch import Tensor
 
 from megalora.train.model.hf_config import HFModelSpec
-from megalora.train.model.mapping import Rule, rules_for
+from megalora.train.model.mapping import Rule, Source, rules_for
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,7 +77,13 @@ class _Target:
 
 
 def _rule_index(spec: HFModelSpec) -> dict[str, Rule]:
-    return {rule.megatron: rule for rule in rules_for(spec)}
+    rules = {rule.megatron: rule for rule in rules_for(spec)}
+    if "output_layer.weight" not in rules:
+        # tied embeddings: the output layer's adapter still belongs on transformers' lm_head
+        # (a Linear sharing the embedding's weight), so peft adapts the same product
+        rules["output_layer.weight"] = Rule("output_layer.weight", (Source("lm_head.weight", 0, vocab=True),),
+                                            lambda t: t, lambda t: (t,), group="tp")
+    return rules
 
 
 def _base_weight(module: str) -> str:
@@ -142,7 +149,9 @@ def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, l
 
     for target in _targets(sorted(full_lora), rules):
         if target.hf_container:
-            _export_experts(full_lora, target, lora_options, tensors, target_parameters)
+            for key, rank in _export_experts(full_lora, target, tensors).items():
+                target_parameters.append(key)
+                note_rank(key, rank)
             continue
         a, b = full_lora[f"{target.module}.lora_A"], full_lora[f"{target.module}.lora_B"]
         pieces = target.rule.to_hf(b)
@@ -185,16 +194,15 @@ def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, l
     return tensors, config
 
 
-def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, options: Any,
-                    tensors: dict[str, Tensor], target_parameters: list[str]) -> None:
+def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Write one routed-expert module's adapters in peft's fused-parameter form; returns the
+    targeted parameter names with their ranks."""
     present = [p for p in _EXPERT_PARAMS if f"{target.module}.{_EXPERT_KEYS[p][0]}" in full_lora]
+    ranks: dict[str, int] = {}
     for param in present:
         a_key, b_key = _EXPERT_KEYS[param]
         a_ErK, b_ENr = full_lora[f"{target.module}.{a_key}"], full_lora[f"{target.module}.{b_key}"]
         num_experts, rank, _ = a_ErK.shape
-        if rank != options.rank:
-            raise ValueError(f"{target.module}.{a_key}: routed-expert rank {rank} differs from lora_rank "
-                             f"{options.rank}; peft's fused expert form is written only at the base rank")
         if param == "gate_up_proj":
             # megatron fc1 rows -> per-expert gate_proj / up_proj rows (the table's split), which
             # transformers stacks as gate_up_proj = [gate; up]
@@ -206,7 +214,8 @@ def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, options: A
         stem = f"{PEFT_PREFIX}{target.hf_container}{nested}"
         tensors[f"{stem}.lora_A.weight"] = a_peft.detach().clone().contiguous()
         tensors[f"{stem}.lora_B.weight"] = b_peft.detach().clone().contiguous()
-        target_parameters.append(f"{target.hf_container}.{param}")
+        ranks[f"{target.hf_container}.{param}"] = rank
+    return ranks
 
 
 def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:

@@ -107,7 +107,8 @@ def _read_peft(peft_tensors: Mapping[str, Tensor], config: Mapping[str, Any],
     for stem, halves in stems.items():
         if set(halves) != {"lora_A", "lora_B"}:
             raise ValueError(f"{ADAPTER_WEIGHTS}: {stem} has only {sorted(halves)}")
-        a, b = halves["lora_A"], halves["lora_B"]
+        # fold scales in at least fp32 (bf16 adapters would round twice)
+        a, b = (halves[h].to(torch.promote_types(halves[h].dtype, torch.float32)) for h in ("lora_A", "lora_B"))
         container, depth = stem, 0
         while container.endswith(".base_layer"):
             container, depth = container[: -len(".base_layer")], depth + 1

@@ -1,0 +1,311 @@
+"""LoRA training throughput and memory: megalora vs transformers + peft, side by side in one run.
+
+    python bench/bench_train.py [--steps 10] [--warmup 2] [--threads 2] [--seq 512] [--micro 2] [--keep]
+
+Both sides train the same Qwen3-Next-shaped MoE (random weights saved by transformers at bench
+time, float32), with LoRA rank 8 on the same weights (attention, GDN projections, shared expert,
+every routed expert), AdamW over the LoRA parameters, for the same number of steps on exactly the
+same token batches (megalora's own data pipeline builds them on both sides; each step's batches
+are hashed and the hashes compared), with the same thread count. Each side runs in its own
+subprocess and reports its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`).
+
+Every sample is one long chat cut to `--seq` tokens (`truncation_strategy=right`), so every
+micro-batch is `micro x seq` tokens with no padding. tokens/s counts all tokens of the steps
+after the first `--warmup` ones, over the time of forward, backward and optimizer step.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The benchmark model: large enough that matmuls, not Python, dominate on 2 CPU threads.
+BENCH_MODEL = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,  # 3 Gated DeltaNet layers, then 1 gated full-attention layer
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=4,
+    linear_num_value_heads=8,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    num_experts=32,
+    num_experts_per_tok=4,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=256,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    full_attention_interval=4,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    partial_rotary_factor=0.25,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+LORA_RANK = 8
+LORA_ALPHA = 16.0
+LR = 1e-3
+# The HF names of megalora's `all-linear` targets on Qwen3-Next (router, shared-expert gate
+# and output layer excluded on both sides).
+PEER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkvz", "in_proj_ba", "out_proj",
+                       "gate_proj", "up_proj", "down_proj"]
+PEER_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _max_rss_mib() -> float:
+    # ru_maxrss is KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _batch_digest(batches: list[dict]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(b["input_ids"].numpy().tobytes())
+        h.update(b["labels"].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -- setup (parent) ----------------------------------------------------------------------------
+def make_model(out: Path) -> None:
+    """Tokenizer (megalora's tiny demo tokenizer) and a seeded random Qwen3-Next MoE saved by transformers."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from megalora.data.tiny_tokenizer import build_tiny_tokenizer
+
+    build_tiny_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    vocab = len(tokenizer)
+    vocab += -vocab % 8
+    config = Qwen3NextConfig(vocab_size=vocab, bos_token_id=None,
+                             eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                             pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), **BENCH_MODEL)
+    torch.manual_seed(0)
+    Qwen3NextForCausalLM(config).to(torch.float32).save_pretrained(out, safe_serialization=True)
+
+
+def write_chats(path: Path, *, num_samples: int, turns: int, seed: int = 0) -> None:
+    """Long multi-turn arithmetic chats; each is cut to --seq tokens by right truncation."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(num_samples):
+            messages = []
+            for _ in range(turns):
+                a, b = rng.randint(1, 99), rng.randint(1, 99)
+                messages.append({"role": "user", "content": f"What is {a} plus {b}?"})
+                messages.append({"role": "assistant", "content": f"{a} plus {b} is {a + b}."})
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def megalora_flags(args: argparse.Namespace, work: Path) -> list[str]:
+    """The `megalora sft` flags of the run; the peer side reads the same config for data and optimizer."""
+    return ["--model", str(work / "model"), "--dataset", str(work / "chats.jsonl"), "--torch_dtype", "float32",
+            "--lora_rank", str(LORA_RANK), "--lora_alpha", str(LORA_ALPHA), "--target_modules", "all-linear",
+            "--train_iters", str(args.steps), "--micro_batch_size", str(args.micro),
+            "--global_batch_size", str(args.micro), "--max_length", str(args.seq),
+            "--truncation_strategy", "right", "--packing", "false", "--lr", str(LR),
+            "--lr_decay_style", "constant", "--save", str(work / "run")]
+
+
+# -- children ----------------------------------------------------------------------------------
+def child_megalora(work: Path, flags: list[str]) -> dict:
+    """Train with `megalora.train.recipe.train`; record per-step batch digests and the LoRA report."""
+    import megalora.train.loop as loop
+    import megalora.train.lora.apply as lora_apply
+    from megalora.config import load_config
+    from megalora.train.recipe import train
+
+    digests: list[str] = []
+    reports: list = []
+    real_step, real_apply = loop.train_step, lora_apply.apply_lora
+
+    # Read-only instrumentation: the loop and the recipe look these names up at call time.
+    def step_spy(model, micro_batches, **kw):
+        digests.append(_batch_digest(micro_batches))
+        return real_step(model, micro_batches, **kw)
+
+    def apply_spy(model, lora_cfg, **kw):
+        report = real_apply(model, lora_cfg, **kw)
+        reports.append(report)
+        return report
+
+    loop.train_step, lora_apply.apply_lora = step_spy, apply_spy
+    cfg, extras = load_config(None, flags)
+    code = train(cfg, extras)
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report = reports[0]
+    return dict(rc=code, digests=digests, losses=[r["loss"] for r in rows],
+                tokens_per_s=[r["tokens_per_s"] for r in rows],
+                tokens_per_step=[cfg.train.micro_batch_size * cfg.data.max_length] * len(rows),
+                trainable=report.total_trainable, adapted_base=sum(report.frozen.values()),
+                trainable_by_kind=dict(report.trainable), max_rss_mib=_max_rss_mib())
+
+
+def child_peer(work: Path, flags: list[str]) -> dict:
+    """Train the same HF folder with transformers + peft on the batches megalora's data pipeline builds."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megalora.config import load_config
+    from megalora.data.dataset import build_datasets
+    from megalora.data.sampler import BatchLoader
+
+    cfg, _ = load_config(None, flags)
+    t = cfg.train
+    model_dir = Path(cfg.model.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # Built exactly as the recipe builds them for one process (DP 1, accumulation 1).
+    train_ds, _ = build_datasets(cfg.data, tokenizer, cache_dir=work / "peer-data-cache", rank=0,
+                                 log=lambda msg: None, use_hf=cfg.model.use_hf)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    accum = t.global_batch_size // t.micro_batch_size
+    loader = BatchLoader(train_ds, seed=cfg.data.data_seed, accumulation=accum, micro_batch_size=t.micro_batch_size,
+                         dp_rank=0, dp_size=1, packing=False, max_length=cfg.data.max_length, pad_to_multiple_of=1,
+                         pad_token_id=pad_id, num_workers=0)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pattern = re.compile(r"\.(%s)\.weight$" % "|".join(PEER_TARGET_MODULES))
+    adapted_base = sum(p.numel() for n, p in model.named_parameters()
+                       if pattern.search(n) or any(n.endswith(x) for x in PEER_TARGET_PARAMETERS))
+    lcfg = LoraConfig(r=cfg.lora.lora_rank,
+                      lora_alpha=cfg.lora.lora_alpha, lora_dropout=0.0, target_modules=PEER_TARGET_MODULES,
+                      target_parameters=PEER_TARGET_PARAMETERS)
+    torch.manual_seed(t.seed)
+    model = get_peft_model(model, lcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    model.train()
+    batches = iter(loader)
+    digests, losses, tokens_per_s, tokens_per_step = [], [], [], []
+    for _ in range(t.train_iters):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        global_tokens = float(sum(int(b["num_trained_tokens"]) for b in micro))
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, tokens = 0.0, 0
+        for b in micro:
+            logits = model(input_ids=b["input_ids"], use_cache=False).logits
+            # Labels are aligned with input_ids: position t is scored against labels[t + 1].
+            losses_tok = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
+                                         ignore_index=-100, reduction="sum")
+            (losses_tok / global_tokens).backward()
+            loss_sum += float(losses_tok.detach())
+            tokens += b["input_ids"].numel()
+        if t.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
+        optimizer.step()
+        elapsed = time.perf_counter() - t0
+        digests.append(_batch_digest(micro))
+        losses.append(loss_sum / global_tokens)
+        tokens_per_s.append(tokens / max(elapsed, 1e-9))
+        tokens_per_step.append(tokens)
+    return dict(rc=0, digests=digests, losses=losses, tokens_per_s=tokens_per_s, tokens_per_step=tokens_per_step,
+                trainable=trainable, adapted_base=adapted_base, max_rss_mib=_max_rss_mib())
+
+
+def run_child(side: str, work: Path, threads: int) -> tuple[dict, float]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               MEGALORA_HOME=str(work / "home"), PYTHONUNBUFFERED="1")
+    log = work / f"{side}.log"
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", side, "--work", str(work),
+                               "--threads", str(threads)], env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    result_file = work / f"{side}.json"
+    if proc.returncode != 0 or not result_file.is_file():
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"bench: the {side} side failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+    return json.loads(result_file.read_text()), wall
+
+
+def steady_tokens_per_s(result: dict, warmup: int) -> float:
+    """All tokens of the steps after warmup over their total time."""
+    tps, toks = result["tokens_per_s"][warmup:], result["tokens_per_step"][warmup:]
+    return sum(toks) / sum(n / r for n, r in zip(toks, tps))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of tokens/s")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (model, data, logs)")
+    ap.add_argument("--child", choices=("megalora", "peer"), help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        work = Path(args.work)
+        spec = json.loads((work / "spec.json").read_text())
+        fn = child_megalora if args.child == "megalora" else child_peer
+        result = fn(work, spec["flags"])
+        (work / f"{args.child}.json").write_text(json.dumps(result))
+        sys.exit(0 if result["rc"] == 0 else 1)
+
+    if args.warmup >= args.steps:
+        raise SystemExit(f"--warmup {args.warmup} must be below --steps {args.steps}")
+    work = Path(tempfile.mkdtemp(prefix="megalora-bench-train-"))
+    try:
+        t0 = time.perf_counter()
+        make_model(work / "model")
+        # ~14 tokens per turn pair: enough pairs that every chat is longer than --seq.
+        write_chats(work / "chats.jsonl", num_samples=max(4 * args.micro * args.steps, 32), turns=args.seq // 8 + 8)
+        flags = megalora_flags(args, work)
+        (work / "spec.json").write_text(json.dumps({"flags": flags}))
+        print(f"bench: model and data in {work} ({time.perf_counter() - t0:.1f}s); threads {args.threads}, "
+              f"{args.steps} steps ({args.warmup} warmup) of {args.micro} x {args.seq} tokens", flush=True)
+        mega, mega_wall = run_child("megalora", work, args.threads)
+        print(f"bench: megalora side done in {mega_wall:.1f}s", flush=True)
+        peer, peer_wall = run_child("peer", work, args.threads)
+        print(f"bench: transformers+peft side done in {peer_wall:.1f}s", flush=True)
+
+        same = mega["digests"] == peer["digests"] and len(mega["digests"]) == args.steps
+        rows = [("megalora", mega), ("transformers+peft", peer)]
+        tps = {name: steady_tokens_per_s(r, args.warmup) for name, r in rows}
+        print()
+        print(f"{'side':<20}{'tokens/s':>10}{'peak RSS MiB':>14}{'trainable':>12}{'adapted base':>14}"
+              f"{'loss first':>12}{'loss last':>11}")
+        for name, r in rows:
+            print(f"{name:<20}{tps[name]:>10.0f}{r['max_rss_mib']:>14.0f}{r['trainable']:>12,}"
+                  f"{r['adapted_base']:>14,}{r['losses'][0]:>12.4f}{r['losses'][-1]:>11.4f}")
+        print(f"ratio megalora/peer: tokens/s {tps['megalora'] / tps['transformers+peft']:.2f}x, "
+              f"peak RSS {mega['max_rss_mib'] / peer['max_rss_mib']:.2f}x")
+        print(f"same token batches on both sides: {'yes' if same else 'NO'}; same adapted base weights: "
+              f"{'yes' if mega['adapted_base'] == peer['adapted_base'] else 'NO'}")
+        print(f"megalora trainable by kind: {mega['trainable_by_kind']}")
+        print("note: trainable counts differ where megalora fuses projections (q/k/v, GDN in_proj_qkvz+in_proj_ba, "
+              "shared-expert gate+up) and so shares one A across them")
+        if not same:
+            raise SystemExit("bench: the two sides saw different batches; the comparison is void")
+    finally:
+        if args.keep:
+            print(f"bench: kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
