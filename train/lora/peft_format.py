@@ -76,13 +76,21 @@ class _Target:
     hf_container: str = ""  # routed experts only: transformers' `...mlp.experts` module
 
 
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _single(t: Tensor) -> tuple[Tensor, ...]:
+    return (t,)
+
+
 def _rule_index(spec: HFModelSpec) -> dict[str, Rule]:
     rules = {rule.megatron: rule for rule in rules_for(spec)}
     if "output_layer.weight" not in rules:
         # tied embeddings: the output layer's adapter still belongs on transformers' lm_head
         # (a Linear sharing the embedding's weight), so peft adapts the same product
         rules["output_layer.weight"] = Rule("output_layer.weight", (Source("lm_head.weight", 0, vocab=True),),
-                                            lambda t: t, lambda t: (t,), group="tp")
+                                            _identity, _single, group="tp")
     return rules
 
 
