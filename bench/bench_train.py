@@ -20,9 +20,9 @@ import hashlib
 import json
 import os
 import random
-import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,12 +129,14 @@ def child_megalora(work: Path, flags: list[str]) -> dict:
     from megalora.train.recipe import train
 
     digests: list[str] = []
+    step_tokens: list[int] = []
     reports: list = []
     real_step, real_apply = loop.train_step, lora_apply.apply_lora
 
     # Read-only instrumentation: the loop and the recipe look these names up at call time.
     def step_spy(model, micro_batches, **kw):
         digests.append(_batch_digest(micro_batches))
+        step_tokens.append(sum(b["input_ids"].numel() for b in micro_batches))
         return real_step(model, micro_batches, **kw)
 
     def apply_spy(model, lora_cfg, **kw):
@@ -149,16 +151,57 @@ def child_megalora(work: Path, flags: list[str]) -> dict:
     report = reports[0]
     return dict(rc=code, digests=digests, losses=[r["loss"] for r in rows],
                 tokens_per_s=[r["tokens_per_s"] for r in rows],
-                tokens_per_step=[cfg.train.micro_batch_size * cfg.data.max_length] * len(rows),
+                tokens_per_step=step_tokens,
                 trainable=report.total_trainable, adapted_base=sum(report.frozen.values()),
                 trainable_by_kind=dict(report.trainable), max_rss_mib=_max_rss_mib())
+
+
+def _peer_lora_model(model, lcfg):
+    """`get_peft_model` with the targets exactly as listed.
+
+    For Qwen2-MoE-family models (Qwen3-Next included) under transformers 5, peft rewrites every
+    target named `gate_proj`/`up_proj`/`down_proj` into the fused routed-expert parameters (rank
+    and alpha doubled on `gate_up_proj`), meant for loading adapters trained on the unfused
+    layout. Here those names mean the shared expert's linears, so that rewrite is switched off
+    for this call; `_peer_adapted` then checks what was wrapped.
+    """
+    import peft.utils.transformers_weight_conversion as conversion
+    from peft import get_peft_model
+
+    saved = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *a, **k: None
+    try:
+        return get_peft_model(model, lcfg)
+    finally:
+        conversion.convert_peft_config_for_transformers = saved
+
+
+def _peer_adapted(model, *, rank: int) -> tuple[int, int]:
+    """(base parameters under a LoRA adapter, LoRA parameters expected at `rank`) of a peft model."""
+    import torch
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    adapted, expected = 0, 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if isinstance(module, ParamWrapper):
+            w = module.get_param()  # [experts, out, in]: A is [experts*r, in], B is [out, experts*r]
+            adapted += w.numel()
+            expected += w.shape[0] * rank * (w.shape[1] + w.shape[2])
+        else:
+            base = module.get_base_layer()
+            assert isinstance(base, torch.nn.Linear), type(base)
+            adapted += base.weight.numel()
+            expected += rank * (base.in_features + base.out_features)
+    return adapted, expected
 
 
 def child_peer(work: Path, flags: list[str]) -> dict:
     """Train the same HF folder with transformers + peft on the batches megalora's data pipeline builds."""
     import torch
     import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megalora.config import load_config
@@ -179,16 +222,14 @@ def child_peer(work: Path, flags: list[str]) -> dict:
                          pad_token_id=pad_id, num_workers=0)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pattern = re.compile(r"\.(%s)\.weight$" % "|".join(PEER_TARGET_MODULES))
-    adapted_base = sum(p.numel() for n, p in model.named_parameters()
-                       if pattern.search(n) or any(n.endswith(x) for x in PEER_TARGET_PARAMETERS))
-    lcfg = LoraConfig(r=cfg.lora.lora_rank,
-                      lora_alpha=cfg.lora.lora_alpha, lora_dropout=0.0, target_modules=PEER_TARGET_MODULES,
-                      target_parameters=PEER_TARGET_PARAMETERS)
+    lcfg = LoraConfig(r=cfg.lora.lora_rank, lora_alpha=cfg.lora.lora_alpha, lora_dropout=0.0,
+                      target_modules=PEER_TARGET_MODULES, target_parameters=PEER_TARGET_PARAMETERS)
     torch.manual_seed(t.seed)
-    model = get_peft_model(model, lcfg)
+    model = _peer_lora_model(model, lcfg)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
+    adapted_base, expected = _peer_adapted(model, rank=cfg.lora.lora_rank)
+    assert trainable == expected, f"peer LoRA has {trainable} trainable parameters, expected {expected} at rank r"
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
     model.train()
@@ -242,6 +283,11 @@ def steady_tokens_per_s(result: dict, warmup: int) -> float:
     return sum(toks) / sum(n / r for n, r in zip(toks, tps))
 
 
+def median_step_tokens_per_s(result: dict, warmup: int) -> float:
+    """Median of the per-step rates after warmup (less sensitive to other load on a shared machine)."""
+    return float(statistics.median(result["tokens_per_s"][warmup:]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -285,19 +331,31 @@ def main() -> None:
         same = mega["digests"] == peer["digests"] and len(mega["digests"]) == args.steps
         rows = [("megalora", mega), ("transformers+peft", peer)]
         tps = {name: steady_tokens_per_s(r, args.warmup) for name, r in rows}
+        med = {name: median_step_tokens_per_s(r, args.warmup) for name, r in rows}
         print()
-        print(f"{'side':<20}{'tokens/s':>10}{'peak RSS MiB':>14}{'trainable':>12}{'adapted base':>14}"
-              f"{'loss first':>12}{'loss last':>11}")
+        print(f"{'side':<20}{'tokens/s':>10}{'median step':>13}{'peak RSS MiB':>14}{'trainable':>12}"
+              f"{'adapted base':>14}{'loss first':>12}{'loss last':>11}")
         for name, r in rows:
-            print(f"{name:<20}{tps[name]:>10.0f}{r['max_rss_mib']:>14.0f}{r['trainable']:>12,}"
+            print(f"{name:<20}{tps[name]:>10.0f}{med[name]:>13.0f}{r['max_rss_mib']:>14.0f}{r['trainable']:>12,}"
                   f"{r['adapted_base']:>14,}{r['losses'][0]:>12.4f}{r['losses'][-1]:>11.4f}")
-        print(f"ratio megalora/peer: tokens/s {tps['megalora'] / tps['transformers+peft']:.2f}x, "
+        peer_name = "transformers+peft"
+        print(f"ratio megalora/peer: tokens/s {tps['megalora'] / tps[peer_name]:.2f}x "
+              f"(median step {med['megalora'] / med[peer_name]:.2f}x), "
               f"peak RSS {mega['max_rss_mib'] / peer['max_rss_mib']:.2f}x")
+        # LoRA B starts at zero on both sides, so the first loss is the base model's on the same batch.
+        print(f"first-step loss difference (same base model, same batch): "
+              f"{abs(mega['losses'][0] - peer['losses'][0]):.2e}")
         print(f"same token batches on both sides: {'yes' if same else 'NO'}; same adapted base weights: "
               f"{'yes' if mega['adapted_base'] == peer['adapted_base'] else 'NO'}")
         print(f"megalora trainable by kind: {mega['trainable_by_kind']}")
-        print("note: trainable counts differ where megalora fuses projections (q/k/v, GDN in_proj_qkvz+in_proj_ba, "
-              "shared-expert gate+up) and so shares one A across them")
+        # megalora fuses q/k/v, GDN in_proj_qkvz+in_proj_ba and the shared expert's gate+up into one
+        # linear each, so one A [r, hidden] serves what peft gives separate A's.
+        layers, interval = BENCH_MODEL["num_hidden_layers"], BENCH_MODEL["full_attention_interval"]
+        full = layers // interval
+        shared_a = LORA_RANK * BENCH_MODEL["hidden_size"] * (2 * full + (layers - full) + layers)
+        fused_ok = mega["trainable"] == peer["trainable"] - shared_a
+        print(f"trainable counts differ only by the A's megalora's fused projections share "
+              f"({peer['trainable']:,} - {shared_a:,} = {peer['trainable'] - shared_a:,}): {'yes' if fused_ok else 'NO'}")
         if not same:
             raise SystemExit("bench: the two sides saw different batches; the comparison is void")
     finally:

@@ -76,6 +76,37 @@ def peft_made_adapter(hf_dir: Path, out: Path, *, kind: str) -> torch.Tensor:
         return pm(default_tokens(model.config.vocab_size, num_tokens=16)).logits.float()
 
 
+def v4_expert_adapter(hf_dir: Path, out: Path) -> torch.Tensor:
+    """An adapter in the per-expert form of transformers 4 (`mlp.experts.E.gate_proj.lora_A` ...),
+    random on every routed expert; peft converts it to the fused form on load. Returns peft's logits."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    cfg = model.config
+    sizes = {"gate_proj": (cfg.hidden_size, cfg.moe_intermediate_size),
+             "up_proj": (cfg.hidden_size, cfg.moe_intermediate_size),
+             "down_proj": (cfg.moe_intermediate_size, cfg.hidden_size)}
+    gen = torch.Generator().manual_seed(11)
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.endswith("mlp.experts"):
+            for e in range(cfg.num_experts):
+                for proj, (fan_in, fan_out) in sizes.items():
+                    stem = f"base_model.model.{name}.{e}.{proj}"
+                    tensors[f"{stem}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=gen) * 0.15
+                    tensors[f"{stem}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=gen) * 0.15
+    out.mkdir()
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+        "target_modules": ["gate_proj", "up_proj", "down_proj"], "base_model_name_or_path": str(hf_dir)}))
+    pm = peft.PeftModel.from_pretrained(model, str(out))
+    pm.eval()
+    with torch.no_grad():
+        return pm(default_tokens(cfg.vocab_size, num_tokens=16)).logits.float()
+
+
 @pytest.fixture(scope="module", params=["qwen3_next_a", "qwen3_moe", "qwen3"])
 def case(request, tmp_path_factory):
     """Checkpoint, our LoRA model's logits, its exported adapter, a peft-made adapter + logits."""
@@ -95,9 +126,11 @@ def case(request, tmp_path_factory):
     exported = write_peft_adapter(ckpt, root / "exported")
     peft_made = {kind: (root / kind, peft_made_adapter(hf_dir, root / kind, kind=kind))
                  for kind in ("converted", "explicit")}
+    if request.param != "qwen3":
+        peft_made["v4"] = (root / "v4", v4_expert_adapter(hf_dir, root / "v4"))
     yield {"hf_dir": hf_dir, "model": model, "info": info, "report": report, "full": full, "tokens": tokens,
            "logits": megatron_logits(model, info, tokens), "exported": exported, "lora": lora,
-           "peft_made": peft_made}
+           "peft_made": peft_made, "checkpoint": ckpt}
     groups.destroy()
 
 
@@ -139,22 +172,28 @@ def test_export_covers_every_peft_target_and_counts(case) -> None:
     assert case["report"].total_trainable + duplicated - padding == peft_count
 
 
-@pytest.mark.parametrize("kind", ["converted", "explicit"])
+@pytest.mark.parametrize("kind", ["converted", "explicit", "v4"])
 def test_peft_made_adapter_imports_with_peft_logits(case, kind, tmp_path) -> None:
     from megalora.train.model.hf_config import read_hf_config
 
+    if kind not in case["peft_made"]:
+        assert kind == "v4" and case["info"].spec.num_experts is None  # dense: no experts to adapt
+        return
     peft_dir, peft_logits = case["peft_made"][kind]
     # a different megatron scale than peft's (alpha 2 vs 8 or 16): B absorbs the difference
     model, info, _ = build_lora_model(case["hf_dir"], alpha=2.0, seed=9)
     ranks = load_peft_adapter(model, peft_dir, hf_spec=read_hf_config(case["hf_dir"]))
     result = compare_logits(megatron_logits(model, info, case["tokens"]), peft_logits, tolerance=TOL)
     assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
-    qkv = next(n for n in ranks if n.endswith("linear_qkv.lora_A"))
-    assert ranks[qkv] == (3 * RANK if kind == "converted" else RANK + 2 + RANK)
+    if kind == "v4":  # gate and up fused per expert: rank 2r
+        assert {r for n, r in ranks.items() if n.endswith("lora_fc1_A")} == {2 * RANK}
+    else:
+        qkv = next(n for n in ranks if n.endswith("linear_qkv.lora_A"))
+        assert ranks[qkv] == (3 * RANK if kind == "converted" else RANK + 2 + RANK)
     # peft's own rename leaves the shared expert without adapter: our B there is zeroed
     params = dict(model.named_parameters())
     shared_b = [n for n in params if ".shared_experts.linear_fc1.lora_B" in n]
-    assert all((params[n].abs().sum() == 0) == (kind == "converted") for n in shared_b)
+    assert all((params[n].abs().sum() == 0) == (kind != "explicit") for n in shared_b)
     # and back: the imported (wider, rescaled) adapters export to what peft loads with its logits
     layout = lora_layout(model)
     tensors, config = megatron_to_peft({n: p.detach() for n, p in params.items() if n in layout},
@@ -201,3 +240,15 @@ def test_megatron_to_peft_rank_pattern_for_wider_modules(case, tmp_path) -> None
     reference = transformers_logits(case["hf_dir"], case["tokens"], adapter=tmp_path)
     result = compare_logits(case["logits"], reference, tolerance=TOL)
     assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
+
+
+def test_export_command_adapter_mode_writes_this_adapter(case, tmp_path) -> None:
+    """`megalora export --adapter` (export_checkpoint mode="adapter") writes exactly our files."""
+    from megalora.export.run import export_checkpoint
+
+    out = export_checkpoint(case["checkpoint"], tmp_path / "out", mode="adapter", log=lambda *_: None)
+    ours, theirs = load_file(str(case["exported"] / "adapter_model.safetensors")), \
+        load_file(str(out / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert json.loads((out / "adapter_config.json").read_text()) == \
+        json.loads((case["exported"] / "adapter_config.json").read_text())

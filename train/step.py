@@ -40,11 +40,15 @@ def packed_seq_params(batch: dict):
 def forward_loss(model, batch: dict, *, device: torch.device, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses [B, S] and the mask of trained tokens."""
     targets, mask = shift_labels(batch["labels"])
+    ids, pos = batch["input_ids"], batch["position_ids"]
     kwargs = {}
     if packed:
+        # THD: the rows of the micro-batch become one token stream; cu_seqlens (over the
+        # flattened batch) keep every sample to itself.
+        ids, pos, targets, mask = (t.reshape(1, -1) for t in (ids, pos, targets, mask))
         kwargs["packed_seq_params"] = packed_seq_params(batch)
-    losses = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                   attention_mask=None, labels=targets.to(device), **kwargs)
+    losses = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=None,
+                   labels=targets.to(device), **kwargs)
     return losses.double(), mask.to(device)
 
 
@@ -140,9 +144,12 @@ def eval_step(model, batch: dict, *, device: torch.device, packed: bool) -> tupl
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     targets, mask = shift_labels(batch["labels"])
-    kwargs = {"packed_seq_params": packed_seq_params(batch)} if packed else {}
-    ids, pos = batch["input_ids"].to(device), batch["position_ids"].to(device)
-    logits = model(input_ids=ids, position_ids=pos, attention_mask=None, **kwargs)
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    kwargs = {}
+    if packed:
+        ids, pos, targets, mask = (t.reshape(1, -1) for t in (ids, pos, targets, mask))
+        kwargs["packed_seq_params"] = packed_seq_params(batch)
+    logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=None, **kwargs)
     logits = gather_from_tensor_model_parallel_region(logits)
     # Padded vocabulary columns are masked to the dtype's minimum by the model builder.
     logits = logits.float()

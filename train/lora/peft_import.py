@@ -133,11 +133,38 @@ def _read_peft(peft_tensors: Mapping[str, Tensor], config: Mapping[str, Any],
     return out
 
 
+def _fuse(rule: Rule, adapters: Mapping[str, tuple[Tensor, Tensor, float]], used: set[str], *,
+          spec: HFModelSpec, scaling: float) -> tuple[Tensor, Tensor] | None:
+    """(A, B) of the megatron adapter on `rule`'s weight from peft's per-projection adapters:
+    A stacked, B block-diagonal with each block rescaled to `scaling`; None if none present."""
+    names = [s.name for s in rule.sources]
+    present = {n: adapters[n] for n in names if n in adapters}
+    if not present:
+        return None
+    used.update(present)
+    total = sum(a.shape[0] for a, _, _ in present.values())
+    blocks, column = [], 0
+    for name in names:
+        if name not in present:  # a projection peft left alone inside the fused module
+            rows = _hf_rows(spec, name, {n: b for n, (_, b, _) in present.items()})
+            blocks.append(torch.zeros(rows, total, dtype=next(iter(present.values()))[1].dtype))
+            continue
+        a, b, peft_scale = present[name]
+        block = b.new_zeros(b.shape[0], total)
+        block[:, column: column + a.shape[0]] = b * (peft_scale / scaling)
+        blocks.append(block)
+        column += a.shape[0]
+    a_full = torch.cat([present[n][0] for n in names if n in present], dim=0)
+    return a_full.contiguous(), rule.to_megatron(*blocks).contiguous()
+
+
 def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping[str, Any], *,
                      hf_spec: HFModelSpec, scaling: float | None = None) -> dict[str, Tensor]:
     """peft tensors + adapter_config -> full-shape megatron LoRA tensors (names as `apply_lora`
     makes them) whose deltas at megatron scale `scaling` equal peft's. `scaling` defaults to the
-    adapter's own alpha/r. The output layer's B has the real vocab rows (no TP padding)."""
+    adapter's own alpha/r. The output layer's B has the real vocab rows (no TP padding).
+    Routed experts import from peft's fused-parameter form or from the per-expert form that
+    adapters made on transformers 4 hold (`mlp.experts.E.gate_proj` ...)."""
     num_experts = hf_spec.num_experts or 0
     adapters = _read_peft(peft_tensors, adapter_config, num_experts)
     if scaling is None:
@@ -145,30 +172,15 @@ def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping
                               use_rslora=bool(adapter_config.get("use_rslora", False)))
     used: set[str] = set()
     full: dict[str, Tensor] = {}
-    for rule in _rule_index(hf_spec).values():
+    rules = _rule_index(hf_spec)
+    for rule in rules.values():
         if ".local_experts.0.linear_fc1." in rule.megatron:
-            _import_experts(rule, adapters, full, used, num_experts=num_experts, scaling=scaling)
+            _import_experts(rule, rules, adapters, full, used, spec=hf_spec, scaling=scaling)
             continue
         module = _megatron_module(rule)
-        names = [s.name for s in rule.sources]
-        present = {n: adapters[n] for n in names if n in adapters}
-        if module is None or not present:
-            continue
-        used.update(present)
-        total = sum(a.shape[0] for a, _, _ in present.values())
-        blocks, column = [], 0
-        for name in names:
-            if name not in present:
-                rows = _hf_rows(hf_spec, name, {n: b for n, (_, b, _) in present.items()})
-                blocks.append(torch.zeros(rows, total, dtype=next(iter(present.values()))[1].dtype))
-                continue
-            a, b, peft_scale = present[name]
-            block = b.new_zeros(b.shape[0], total)
-            block[:, column: column + a.shape[0]] = b * (peft_scale / scaling)
-            blocks.append(block)
-            column += a.shape[0]
-        full[f"{module}.lora_A"] = torch.cat([present[n][0] for n in names if n in present], dim=0).contiguous()
-        full[f"{module}.lora_B"] = rule.to_megatron(*blocks).contiguous()
+        fused = _fuse(rule, adapters, used, spec=hf_spec, scaling=scaling) if module else None
+        if fused is not None:
+            full[f"{module}.lora_A"], full[f"{module}.lora_B"] = fused
     unused = sorted(set(adapters) - used)
     if unused:
         raise ValueError(f"{ADAPTER_WEIGHTS}: adapters on {unused[:3]} have no megatron LoRA target "
@@ -176,24 +188,35 @@ def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping
     return full
 
 
-def _import_experts(fc1_rule: Rule, adapters: Mapping[str, tuple[Tensor, Tensor, float]], full: dict[str, Tensor],
-                    used: set[str], *, num_experts: int, scaling: float) -> None:
+def _import_experts(fc1_rule: Rule, rules: Mapping[str, Rule], adapters: Mapping[str, tuple[Tensor, Tensor, float]],
+                    full: dict[str, Tensor], used: set[str], *, spec: HFModelSpec, scaling: float) -> None:
     module = fc1_rule.megatron.split(".local_experts.")[0]
     container = fc1_rule.sources[0].name.rsplit(".", 3)[0]
-    for param in _EXPERT_PARAMS:
-        name = f"{container}.{param}"
-        if name not in adapters:
-            continue
-        used.add(name)
-        a, b, peft_scale = adapters[name]
-        rank = a.shape[0] // num_experts
-        a_ErK = a.reshape(num_experts, rank, a.shape[1])
-        b_ENr = b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1) * (peft_scale / scaling)
-        if param == "gate_up_proj":
-            b_ENr = torch.stack([fc1_rule.to_megatron(*b_e.chunk(2, dim=0)) for b_e in b_ENr])
+    num_experts = spec.num_experts or 0
+    for param, proj in zip(_EXPERT_PARAMS, ("linear_fc1", "linear_fc2")):
         a_key, b_key = _EXPERT_KEYS[param]
-        full[f"{module}.{a_key}"] = a_ErK.contiguous()
-        full[f"{module}.{b_key}"] = b_ENr.contiguous()
+        name = f"{container}.{param}"
+        if name in adapters:
+            used.add(name)
+            a, b, peft_scale = adapters[name]
+            rank = a.shape[0] // num_experts
+            a_ErK = a.reshape(num_experts, rank, a.shape[1])
+            b_ENr = b.reshape(b.shape[0], rank, num_experts).permute(2, 0, 1) * (peft_scale / scaling)
+            if param == "gate_up_proj":
+                b_ENr = torch.stack([fc1_rule.to_megatron(*b_e.chunk(2, dim=0)) for b_e in b_ENr])
+            full[f"{module}.{a_key}"], full[f"{module}.{b_key}"] = a_ErK.contiguous(), b_ENr.contiguous()
+            continue
+        per_expert = [_fuse(rules[f"{module}.local_experts.{e}.{proj}.weight"], adapters, used, spec=spec,
+                            scaling=scaling) for e in range(num_experts)]
+        given = [pair for pair in per_expert if pair is not None]
+        if not given:
+            continue
+        if len({(a.shape, b.shape) for a, b in given}) != 1:
+            raise ValueError(f"{ADAPTER_WEIGHTS}: the per-expert adapters of {container} ({proj}) differ in rank")
+        a0, b0 = given[0]
+        pairs = [pair or (torch.zeros_like(a0), torch.zeros_like(b0)) for pair in per_expert]
+        full[f"{module}.{a_key}"] = torch.stack([a for a, _ in pairs])
+        full[f"{module}.{b_key}"] = torch.stack([b for _, b in pairs])
 
 
 def _rank_dim(name: str, ndim: int) -> int:
