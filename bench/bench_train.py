@@ -6,8 +6,10 @@ Both sides train the same Qwen3-Next-shaped MoE (random weights saved by transfo
 time, float32), with LoRA rank 8 on the same weights (attention, GDN projections, shared expert,
 every routed expert), AdamW over the LoRA parameters, for the same number of steps on exactly the
 same token batches (megalora's own data pipeline builds them on both sides; each step's batches
-are hashed and the hashes compared), with the same thread count. Each side runs in its own
-subprocess and reports its own peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`).
+are hashed and the hashes compared), with the same thread count, constant learning rate, no MoE
+auxiliary loss. Each side runs in its own subprocess and reports its own peak RSS
+(`getrusage(RUSAGE_SELF).ru_maxrss`). Once both are set up they take turns step by step (the
+other side idles meanwhile), so background load on a shared machine hits both alike.
 
 Every sample is one long chat cut to `--seq` tokens (`truncation_strategy=right`), so every
 micro-batch is `micro x seq` tokens with no padding. tokens/s counts all tokens of the steps
@@ -70,6 +72,24 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class Turns:
+    """A child's side of the step-by-step turn taking: wait for "go" before a step, say "done" after it.
+
+    The parent alternates the two sides step by step, so while one side steps the other is idle and
+    both see the same background load of a shared machine; the waits sit outside the timed spans.
+    """
+
+    def __init__(self, go_fd: int, done_fd: int):
+        self.go_fd, self.done_fd = go_fd, done_fd
+
+    def wait(self) -> None:
+        if not os.read(self.go_fd, 1):
+            raise SystemExit("bench child: the parent closed the turn pipe")
+
+    def done(self) -> None:
+        os.write(self.done_fd, b".")
+
+
 def _batch_digest(batches: list[dict]) -> str:
     h = hashlib.sha256()
     for b in batches:
@@ -121,7 +141,7 @@ def megalora_flags(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 # -- children ----------------------------------------------------------------------------------
-def child_megalora(work: Path, flags: list[str]) -> dict:
+def child_megalora(work: Path, flags: list[str], turns: Turns) -> dict:
     """Train with `megalora.train.recipe.train`; record per-step batch digests and the LoRA report."""
     import megalora.train.loop as loop
     import megalora.train.lora.apply as lora_apply
@@ -144,7 +164,29 @@ def child_megalora(work: Path, flags: list[str]) -> dict:
         reports.append(report)
         return report
 
-    loop.train_step, lora_apply.apply_lora = step_spy, apply_spy
+    real_sinks = loop.make_sinks
+
+    class TurnSink:
+        """The loop logs each step after measuring its time: the turn hand-over goes there."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def log(self, step: int, metrics: dict) -> None:
+            self.inner.log(step, metrics)
+            turns.done()
+            if step < cfg.train.train_iters:
+                turns.wait()
+
+        def close(self) -> None:
+            self.inner.close()
+
+    def sinks_spy(**kw):
+        sink = TurnSink(real_sinks(**kw))
+        turns.wait()  # made just before the first step
+        return sink
+
+    loop.train_step, lora_apply.apply_lora, loop.make_sinks = step_spy, apply_spy, sinks_spy
     cfg, extras = load_config(None, flags)
     code = train(cfg, extras)
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -197,7 +239,7 @@ def _peer_adapted(model, *, rank: int) -> tuple[int, int]:
     return adapted, expected
 
 
-def child_peer(work: Path, flags: list[str]) -> dict:
+def child_peer(work: Path, flags: list[str], turns: Turns) -> dict:
     """Train the same HF folder with transformers + peft on the batches megalora's data pipeline builds."""
     import torch
     import torch.nn.functional as F
@@ -236,6 +278,7 @@ def child_peer(work: Path, flags: list[str]) -> dict:
     batches = iter(loader)
     digests, losses, tokens_per_s, tokens_per_step = [], [], [], []
     for _ in range(t.train_iters):
+        turns.wait()
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         global_tokens = float(sum(int(b["num_trained_tokens"]) for b in micro))
@@ -257,24 +300,59 @@ def child_peer(work: Path, flags: list[str]) -> dict:
         losses.append(loss_sum / global_tokens)
         tokens_per_s.append(tokens / max(elapsed, 1e-9))
         tokens_per_step.append(tokens)
+        turns.done()
     return dict(rc=0, digests=digests, losses=losses, tokens_per_s=tokens_per_s, tokens_per_step=tokens_per_step,
                 trainable=trainable, adapted_base=adapted_base, max_rss_mib=_max_rss_mib())
 
 
-def run_child(side: str, work: Path, threads: int) -> tuple[dict, float]:
+def run_sides(work: Path, *, threads: int, steps: int, step_timeout: float = 1200.0) -> dict[str, dict]:
+    """Start both sides; once both are set up, let them step in turns (alternating who goes first)."""
+    import select
+
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                MEGALORA_HOME=str(work / "home"), PYTHONUNBUFFERED="1")
-    log = work / f"{side}.log"
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", side, "--work", str(work),
-                               "--threads", str(threads)], env=env, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t0
-    result_file = work / f"{side}.json"
-    if proc.returncode != 0 or not result_file.is_file():
-        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
-        raise SystemExit(f"bench: the {side} side failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
-    return json.loads(result_file.read_text()), wall
+    sides = ("megalora", "peer")
+    procs, go, done, logs = {}, {}, {}, {}
+    for side in sides:
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+        logs[side] = (work / f"{side}.log").open("w")
+        procs[side] = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--child", side, "--work", str(work),
+             "--threads", str(threads), "--turn_fds", f"{go_r},{done_w}"],
+            env=env, stdout=logs[side], stderr=subprocess.STDOUT, pass_fds=(go_r, done_w))
+        os.close(go_r)
+        os.close(done_w)
+        go[side], done[side] = go_w, done_r
+    failed = None
+    try:
+        for k in range(steps):
+            for side in (sides if k % 2 == 0 else sides[::-1]):
+                os.write(go[side], b".")
+                ready, _, _ = select.select([done[side]], [], [], step_timeout)
+                if not ready or not os.read(done[side], 1):
+                    failed = side
+                    raise BrokenPipeError
+            print(f"bench: step {k + 1}/{steps} done on both sides", flush=True)
+    except BrokenPipeError:
+        failed = failed or "?"
+    finally:
+        for side in sides:
+            os.close(go[side])
+            if failed:
+                procs[side].kill()
+            procs[side].wait()
+            os.close(done[side])
+            logs[side].close()
+    results = {}
+    for side in sides:
+        log, out = work / f"{side}.log", work / f"{side}.json"
+        if procs[side].returncode != 0 or not out.is_file():
+            tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+            raise SystemExit(f"bench: the {side} side failed (exit {procs[side].returncode}); last lines of {log}:\n"
+                             f"{tail}")
+        results[side] = json.loads(out.read_text())
+    return results
 
 
 def steady_tokens_per_s(result: dict, warmup: int) -> float:
@@ -298,6 +376,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (model, data, logs)")
     ap.add_argument("--child", choices=("megalora", "peer"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--turn_fds", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
@@ -307,7 +386,8 @@ def main() -> None:
         work = Path(args.work)
         spec = json.loads((work / "spec.json").read_text())
         fn = child_megalora if args.child == "megalora" else child_peer
-        result = fn(work, spec["flags"])
+        go_fd, done_fd = (int(x) for x in args.turn_fds.split(","))
+        result = fn(work, spec["flags"], Turns(go_fd, done_fd))
         (work / f"{args.child}.json").write_text(json.dumps(result))
         sys.exit(0 if result["rc"] == 0 else 1)
 
@@ -323,10 +403,10 @@ def main() -> None:
         (work / "spec.json").write_text(json.dumps({"flags": flags}))
         print(f"bench: model and data in {work} ({time.perf_counter() - t0:.1f}s); threads {args.threads}, "
               f"{args.steps} steps ({args.warmup} warmup) of {args.micro} x {args.seq} tokens", flush=True)
-        mega, mega_wall = run_child("megalora", work, args.threads)
-        print(f"bench: megalora side done in {mega_wall:.1f}s", flush=True)
-        peer, peer_wall = run_child("peer", work, args.threads)
-        print(f"bench: transformers+peft side done in {peer_wall:.1f}s", flush=True)
+        t1 = time.perf_counter()
+        results = run_sides(work, threads=args.threads, steps=args.steps)
+        mega, peer = results["megalora"], results["peer"]
+        print(f"bench: both sides done in {time.perf_counter() - t1:.1f}s", flush=True)
 
         same = mega["digests"] == peer["digests"] and len(mega["digests"]) == args.steps
         rows = [("megalora", mega), ("transformers+peft", peer)]

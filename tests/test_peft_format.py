@@ -194,8 +194,16 @@ def test_peft_made_adapter_imports_with_peft_logits(case, kind, tmp_path) -> Non
     params = dict(model.named_parameters())
     shared_b = [n for n in params if ".shared_experts.linear_fc1.lora_B" in n]
     assert all((params[n].abs().sum() == 0) == (kind != "explicit") for n in shared_b)
-    # and back: the imported (wider, rescaled) adapters export to what peft loads with its logits
+    # a fresh rank-4 model takes the imported (wider) adapters as they are, as a resume would
+    from megalora.train.lora.peft_import import load_megatron_lora
+
+    fresh, _, _ = build_lora_model(case["hf_dir"], alpha=2.0, seed=4)
     layout = lora_layout(model)
+    loaded = load_megatron_lora(fresh, {n: p.detach() for n, p in params.items() if n in layout})
+    assert ranks.items() <= loaded.items()
+    result = compare_logits(megatron_logits(fresh, info, case["tokens"]), peft_logits, tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
+    # and back: the imported (wider, rescaled) adapters export to what peft loads with its logits
     tensors, config = megatron_to_peft({n: p.detach() for n, p in params.items() if n in layout},
                                        hf_spec=info.spec, lora_options=LoraOptions(rank=RANK, alpha=2.0))
     save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
@@ -252,3 +260,28 @@ def test_export_command_adapter_mode_writes_this_adapter(case, tmp_path) -> None
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert json.loads((out / "adapter_config.json").read_text()) == \
         json.loads((case["exported"] / "adapter_config.json").read_text())
+
+
+def _apply_adapter(model: torch.nn.Module, info, adapter: Path) -> None:
+    from megalora.train.lora.peft_format import apply_peft_adapter
+
+    apply_peft_adapter(model, adapter, hf_spec=info.spec, expert_impl="loop")
+
+
+def _apply_lora_only(model: torch.nn.Module, info, adapter: Path) -> None:
+    apply_lora(model, LoraSection(target_modules=ALL), expert_impl="loop", verbose=False)
+
+
+def test_verify_with_adapter(case) -> None:
+    """`megalora verify --adapter` wiring: apply_peft_adapter inside run_verify, all layers and the
+    first two (adapters on dropped layers are left out on both sides); a model without the
+    adapter's weights fails the same check."""
+    from megalora.train.model.verify import run_verify
+
+    peft_dir, _ = case["peft_made"]["explicit"]
+    for num_layers in (None, 2):
+        result = run_verify(case["hf_dir"], adapter=peft_dir, num_layers=num_layers, seq_length=16, tolerance=TOL,
+                            apply_adapter=_apply_adapter)
+        assert result.ok, result.summary_line()
+    blind = run_verify(case["hf_dir"], adapter=peft_dir, seq_length=16, tolerance=TOL, apply_adapter=_apply_lora_only)
+    assert not blind.ok and blind.rel_l2 > 1e-3

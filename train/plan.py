@@ -143,7 +143,7 @@ def frozen_weights(spec: HFModelSpec, *, vocab: int) -> list[Weight]:
                     Weight("norms", spec.linear_value_head_dim, "replicated")]
         if spec.moe_layers[layer]:
             e, f = spec.num_experts, spec.moe_ffn_hidden_size
-            out += [Weight("router", e * h, "replicated"), Weight("routed_experts", e * 3 * h * f, "ep")]
+            out += [Weight("routers + gates", e * h, "replicated"), Weight("routed_experts", e * 3 * h * f, "ep")]
             if spec.shared_expert_ffn_hidden_size:
                 out += [Weight("shared_expert", 3 * h * spec.shared_expert_ffn_hidden_size, "tp"),
                         Weight("router", h, "replicated")]  # the shared expert's sigmoid gate
@@ -311,7 +311,7 @@ def _layer_activation_bytes(spec: HFModelSpec, layer: int, adapters: Sequence[Ad
     return total
 
 
-def activation_bytes(spec: HFModelSpec, adapters: Sequence[Adapter], cfg: Config, *, layout: Layout,
+def activation_bytes(spec: HFModelSpec, *, adapters: Sequence[Adapter], cfg: Config, layout: Layout,
                      prec: Precision) -> dict[str, float]:
     """Peak activation bytes on one GPU for one micro-batch, under the recompute settings."""
     t = cfg.train
@@ -362,7 +362,7 @@ def memory_plan(cfg: Config, *, hf_config: dict, num_gpus: int, device: str = "g
     lora_local = lora_numel(adapters, rank=cfg.lora.lora_rank, layout=layout)
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     ts = tokens / layout.tp if layout.sp else tokens
-    acts = activation_bytes(spec, adapters, cfg, layout=layout, prec=prec)
+    acts = activation_bytes(spec, adapters=adapters, cfg=cfg, layout=layout, prec=prec)
     comm = 0.0
     if layout.sp:
         comm += 2 * tokens * spec.hidden_size * prec.act  # all-gather output + reduce-scatter staging
@@ -407,7 +407,7 @@ def active_gemm_params(spec: HFModelSpec, *, vocab: int) -> int:
     return total
 
 
-def step_flops(spec: HFModelSpec, adapters: Sequence[Adapter], cfg: Config, *, num_gpus: int,
+def step_flops(spec: HFModelSpec, *, adapters: Sequence[Adapter], cfg: Config, num_gpus: int,
                padded_vocab: int) -> dict[str, float]:
     """FLOPs of one optimizer step by the formula in the module docstring (whole model and per GPU)."""
     s, r = cfg.data.max_length, cfg.lora.lora_rank
@@ -426,7 +426,8 @@ def step_flops(spec: HFModelSpec, adapters: Sequence[Adapter], cfg: Config, *, n
     return {"per_token": per_token, "tokens_per_step": tokens, "step": total, "per_gpu": total / num_gpus}
 
 
-def format_plan(memory: dict[str, Any], flops: dict[str, float], *, gpu_memory_gb: Sequence[float] = (80, 141)) -> str:
+def format_plan(memory: dict[str, Any], *, flops: dict[str, float],
+                gpu_memory_gb: Sequence[float] = (80, 141)) -> str:
     """One table: component -> GiB per GPU, the total, and fits / does not fit per GPU size.
 
     A GPU of N GB is taken to hold N GiB (nvidia-smi shows 79.6 GiB on an 80 GB H100 and 140.4 GiB
@@ -460,5 +461,6 @@ def plan_main(cfg: Config, *, num_gpus: int, hf_config: dict, gpu_memory_gb: Seq
     if num_gpus < 1:
         raise ConfigError(f"--num_gpus must be >= 1; got {num_gpus}")
     memory = memory_plan(cfg, hf_config=hf_config, num_gpus=num_gpus, device="gpu")
-    flops = step_flops(memory["spec"], memory["adapters"], cfg, num_gpus=num_gpus, padded_vocab=memory["padded_vocab"])
-    return format_plan(memory, flops, gpu_memory_gb=gpu_memory_gb)
+    flops = step_flops(memory["spec"], adapters=memory["adapters"], cfg=cfg, num_gpus=num_gpus,
+                       padded_vocab=memory["padded_vocab"])
+    return format_plan(memory, flops=flops, gpu_memory_gb=gpu_memory_gb)

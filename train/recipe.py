@@ -134,8 +134,8 @@ def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_mo
     degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
     for line in describe_extras(extras, cuda=torch.cuda.is_available()):
         rt.log(f"megalora: {line}")
-    if cfg.lora.adapters is not None:
-        raise ConfigError("`adapters`: starting from a PEFT adapter is not supported by this build yet")
+    if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
+        raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
     run_dir = Path(cfg.checkpoint.save)
     if rt.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +168,13 @@ def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_mo
                               sequence_parallel=cfg.parallel.sequence_parallel, **overrides)
     model.to(rt.device)
     report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
+    if cfg.lora.adapters is not None:
+        from megalora.train.lora.peft_format import load_peft_adapter
+
+        # Before the optimizer exists: fused layers may get wider LoRA tensors (one block per
+        # HF projection), so parameters are replaced.
+        load_peft_adapter(model, cfg.lora.adapters, hf_spec=info.spec)
+        rt.log(f"megalora: started from the PEFT adapter {cfg.lora.adapters}")
     trainer = Trainer(cfg, rt, model=model, layout=lora_layout(model), loader=loader, val_loader=val_loader,
                       grad_accum=degrees["grad_accum"], model_dir=model_dir, report=report)
     code = trainer.run()

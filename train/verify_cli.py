@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+from pathlib import Path
 
 
 def _bool(text: str) -> bool:
@@ -36,12 +36,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _apply_adapter(model, info, adapter_dir) -> None:
+    """The PEFT adapter into our LoRA modules (targets, rank and alpha taken from the adapter)."""
+    from megalora.train.lora.peft_format import apply_peft_adapter
+
+    apply_peft_adapter(model, adapter_dir, hf_spec=info.spec)
+
+
 def cmd_verify(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from megalora.config import ConfigError
 
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
     if world % tp or world % ep:
         raise ConfigError(f"world size {world} is not divisible by `tensor_model_parallel_size`={tp} and "
                           f"`expert_model_parallel_size`={ep}")
@@ -55,7 +64,8 @@ def cmd_verify(argv: list[str]) -> int:
     try:
         result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, tp=tp, ep=ep,
                             sequence_parallel=sequence_parallel, tolerance=args.tolerance,
-                            seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed)
+                            seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed,
+                            apply_adapter=_apply_adapter if args.adapter else None)
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -35,7 +35,14 @@ exactly the sum of the per-projection deltas. Our LoRA modules are built with on
 whose rank differs with new ones of the right shape, carrying over every attribute the gradient
 and TP machinery reads (`tensor_model_parallel`, `partition_dim`, `sequence_parallel`,
 `lora_tp_allreduce`, `allreduce`, `lora_expert`). The module keeps its `scaling`; B absorbs the
-difference. Optimizers and DDP wrappers must be built after loading.
+difference. Optimizers and DDP wrappers must be built after loading. Adapters made on
+transformers 4 (one adapter per routed expert, `mlp.experts.E.gate_proj`) import as well.
+
+Entry points: `write_peft_adapter(checkpoint_dir, out_dir)` (export), `megatron_to_peft` (pure),
+`load_peft_adapter(model, dir, hf_spec=)` (model already wrapped by `apply_lora`),
+`apply_peft_adapter(model, dir, hf_spec=)` (apply_lora with the adapter's targets, rank and alpha,
+then load), `peft_to_megatron` (pure). The import side lives in `peft_import` (with
+`load_megatron_lora`, which resizes and loads a full megatron LoRA dict, e.g. before resuming).
 """
 from __future__ import annotations
 
@@ -276,3 +283,12 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
     from megalora.train.lora import peft_import
 
     return peft_import.load_peft_adapter(model, adapter_dir, hf_spec=hf_spec)
+
+
+def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
+                       seed: int = 42, expert_impl: str = "grouped") -> dict[str, int]:
+    """`apply_lora` with the adapter's own targets, rank and alpha, then `load_peft_adapter`
+    (see `peft_import.apply_peft_adapter`)."""
+    from megalora.train.lora import peft_import
+
+    return peft_import.apply_peft_adapter(model, adapter_dir, hf_spec=hf_spec, seed=seed, expert_impl=expert_impl)

@@ -133,6 +133,11 @@ def _read_peft(peft_tensors: Mapping[str, Tensor], config: Mapping[str, Any],
     return out
 
 
+def _layer_of(hf_name: str) -> int | None:
+    match = re.match(r"model\.layers\.(\d+)\.", hf_name)
+    return int(match.group(1)) if match else None
+
+
 def _fuse(rule: Rule, adapters: Mapping[str, tuple[Tensor, Tensor, float]], used: set[str], *,
           spec: HFModelSpec, scaling: float) -> tuple[Tensor, Tensor] | None:
     """(A, B) of the megatron adapter on `rule`'s weight from peft's per-projection adapters:
@@ -181,7 +186,8 @@ def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping
         fused = _fuse(rule, adapters, used, spec=hf_spec, scaling=scaling) if module else None
         if fused is not None:
             full[f"{module}.lora_A"], full[f"{module}.lora_B"] = fused
-    unused = sorted(set(adapters) - used)
+    # a spec truncated to its first layers (quick checks) leaves later layers' adapters out
+    unused = sorted(n for n in set(adapters) - used if _layer_of(n) is None or _layer_of(n) < hf_spec.num_layers)
     if unused:
         raise ValueError(f"{ADAPTER_WEIGHTS}: adapters on {unused[:3]} have no megatron LoRA target "
                          "(not a linear layer megatron adapts)")
@@ -221,7 +227,7 @@ def _import_experts(fc1_rule: Rule, rules: Mapping[str, Rule], adapters: Mapping
 
 def _rank_dim(name: str, ndim: int) -> int:
     """Dim of a LoRA tensor that holds the rank."""
-    if name.endswith("_A") or name.endswith("lora_A"):
+    if name.endswith("_A"):
         return 0 if ndim == 2 else 1
     return ndim - 1
 
@@ -247,14 +253,14 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
     """Load the peft adapter in `adapter_dir` into `model` (already wrapped by `apply_lora`, any
     TP/EP/SP layout; megatron's parallel state initialised). Fused modules get rank sum(r_i) (their
     lora_A / lora_B Parameters are replaced); modules the adapter does not cover get B = 0. Build
-    optimizers and DDP after this call. Returns the rank of every imported adapter, keyed by its A's parameter name."""
-    from megatron.core import parallel_state as ps
+    optimizers and DDP after this call. Returns the rank of every imported adapter, keyed by the
+    name of its A parameter."""
     from safetensors.torch import load_file
 
     from megalora.train.lora.experts import LoraExperts
     from megalora.train.lora.gates import LoraGate
     from megalora.train.lora.layers import LoraLinear
-    from megalora.train.lora.layout import lora_layout, shard_lora_state
+    from megalora.train.lora.layout import lora_layout
 
     folder = Path(adapter_dir)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -267,17 +273,35 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
                          "apply_lora (one LoraOptions for all) first")
     full = peft_to_megatron(load_file(str(folder / ADAPTER_WEIGHTS)), config, hf_spec=hf_spec,
                             scaling=scalings.pop())
-    layout = lora_layout(model)
-    extra = sorted(set(full) - set(layout))
+    extra = sorted(set(full) - set(lora_layout(model)))
     if extra:
         raise ValueError(f"{folder}: the adapter adapts {extra[:3]}, where the model has no LoRA; "
                          "add those targets to lora.target_modules")
+    return load_megatron_lora(model, full)
+
+
+def load_megatron_lora(model: torch.nn.Module, full: Mapping[str, Tensor]) -> dict[str, int]:
+    """Load full-shape megatron LoRA tensors into `model` (wrapped by `apply_lora`, any layout),
+    resizing the lora_A / lora_B Parameters of modules whose rank differs (attributes kept); a
+    module missing from `full` gets B = 0. The output layer's B may lack the vocab padding rows.
+    Use it before `load_checkpoint` when resuming a run whose ranks came from an import.
+    Returns the rank of every loaded adapter, keyed by the name of its A parameter."""
+    from megatron.core import parallel_state as ps
+
+    from megalora.train.lora.layout import lora_layout, shard_lora_state
+
+    layout = lora_layout(model)
+    extra = sorted(set(full) - set(layout))
+    if extra:
+        raise ValueError(f"LoRA tensors {extra[:3]} have no LoRA module in the model")
+    full = dict(full)
     params = dict(model.named_parameters())
     tp_size = ps.get_tensor_model_parallel_world_size()
     for name in layout:
         if name in full and name.startswith("output_layer.") and name.endswith("lora_B"):
-            rows = params[name].shape[0] * tp_size  # the padded vocab of this layout
-            full[name] = torch.cat([full[name], full[name].new_zeros(rows - full[name].shape[0], full[name].shape[1])])
+            rows = params[name].shape[0] * tp_size  # the padded vocab of this layout (padding rows carry nothing)
+            value = full[name][:rows]
+            full[name] = torch.cat([value, value.new_zeros(rows - value.shape[0], value.shape[1])])
     names = [n for n in layout if n in full]
     shards = shard_lora_state({n: full[n] for n in names}, {n: layout[n] for n in names},
                               tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp_size,
@@ -296,3 +320,42 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
             if name.endswith("_A"):
                 ranks[name] = shards[name].shape[_rank_dim(name, shards[name].ndim)]
     return ranks
+
+
+_TARGET_OF_LEAF = {"lora_fc1_A": "linear_fc1", "lora_fc2_A": "linear_fc2"}
+
+
+def megatron_targets(full_lora: Mapping[str, Tensor]) -> list[str]:
+    """`lora.target_modules` names that cover every adapter of a full megatron LoRA dict."""
+    targets = set()
+    for name in full_lora:
+        module, _, leaf = name.rpartition(".")
+        if leaf in _TARGET_OF_LEAF:
+            targets.add(_TARGET_OF_LEAF[leaf])
+        elif leaf == "lora_A":
+            short = module.rpartition(".")[2]
+            targets.add({"lora": "router", "gate_lora": "shared_expert_gate"}.get(short, short))
+    return sorted(targets)
+
+
+def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
+                       seed: int = 42, expert_impl: str = "grouped") -> dict[str, int]:
+    """`apply_lora` with the targets, rank and alpha of the peft adapter in `adapter_dir`, then
+    `load_peft_adapter`: the megatron model then computes what peft computes on transformers.
+    Returns the imported ranks (see `load_peft_adapter`)."""
+    from safetensors.torch import load_file
+
+    from megalora.config import LoraSection
+    from megalora.train.lora.apply import apply_lora
+
+    folder = Path(adapter_dir)
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"{folder}: not a peft adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    full = peft_to_megatron(load_file(str(folder / ADAPTER_WEIGHTS)), config, hf_spec=hf_spec)
+    if not full:
+        raise ValueError(f"{folder}: the adapter has no tensor on this model's first {hf_spec.num_layers} layers")
+    section = LoraSection(lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
+                          use_rslora=bool(config.get("use_rslora", False)), target_modules=megatron_targets(full))
+    apply_lora(model, section, seed=seed, expert_impl=expert_impl, verbose=False)
+    return load_peft_adapter(model, folder, hf_spec=hf_spec)
