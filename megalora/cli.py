@@ -24,6 +24,7 @@ commands:
            (`megalora sft CONFIG --dry-run` validates config, layout and data and trains nothing)
   verify   compare megatron against transformers logits on a checkpoint
   export   merge a checkpoint's LoRA into HF safetensors (or write a PEFT adapter), verify, push
+  plan     predict per-GPU memory and step FLOPs of a config's layout; does it fit on 80 / 141 GB GPUs
 
 `megalora <command> --help` lists each command's options.
 """
@@ -110,13 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    commands = {"sft": cmd_sft, "verify": _cmd_verify, "export": _cmd_export}
+    commands = {"sft": cmd_sft, "verify": _cmd_verify, "export": _cmd_export, "plan": cmd_plan}
     if command not in commands:
         print(f"megalora: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         return commands[command](rest)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
+        # User mistakes are ValueErrors naming the file, line or key: one line, no traceback.
         print(f"megalora {command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -131,3 +133,38 @@ def _cmd_export(argv: list[str]) -> int:
     from megalora.export.cli import cmd_export
 
     return cmd_export(argv)
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """`megalora plan [CONFIG] [--key value ...] [--num_gpus N]`."""
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: megalora plan [CONFIG.yaml] [--key value ...] [--num_gpus N]\n\n"
+              "Predicts per-GPU memory (frozen weights, LoRA, gradients, optimizer, activations under the\n"
+              "recompute settings, buffers) and step FLOPs for the config's layout on N GPUs (default: the\n"
+              "launch's world size, else 8), and whether it fits on 80 GB and 141 GB GPUs.")
+        return 0
+    from megalora.config import load_config
+
+    num_gpus = None
+    rest = []
+    it = iter(argv)
+    for tok in it:
+        if tok.startswith("--num_gpus"):
+            value = tok.split("=", 1)[1] if "=" in tok else next(it, "")
+            if not value.isdigit():
+                raise ConfigError(f"--num_gpus expects a positive integer, got {value!r}")
+            num_gpus = int(value)
+        else:
+            rest.append(tok)
+    config_path, flags, _ = _split_config_path(rest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg, _ = load_config(config_path, flags)
+    if num_gpus is None:
+        launched = "WORLD_SIZE" in os.environ or "NPROC_PER_NODE" in os.environ
+        num_gpus = world_size_from_env() if launched else 8
+    from megalora.plan_model import model_config_for_plan
+    from megalora.train.plan import plan_main
+
+    print(plan_main(cfg, num_gpus=num_gpus, hf_config=model_config_for_plan(cfg)))
+    return 0

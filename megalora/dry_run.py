@@ -7,16 +7,12 @@ ranks itself.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
 from megalora.config import Config, ConfigError, Extras, ModelShape, check_layout
-
-SUPPORTED_ARCHITECTURES = ("qwen3_next", "qwen3_moe", "qwen3")
-
 
 def resolve_model_dir(cfg: Config, *, log=print) -> Path:
     return resolve_model_dir_from_name(cfg.model.model, use_hf=cfg.model.use_hf, log=log)
@@ -34,25 +30,22 @@ def resolve_model_dir_from_name(name: str, *, use_hf: bool = False, log=print) -
 
 
 def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"`model`: {model_dir} has no config.json")
+    """The model's HF config and what layout validation needs of it (one parser for all)."""
+    from megalora.train.model.hf_config import read_hf_config
+
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    arch = hf.get("model_type")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(f"{path}: model_type {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        spec = read_hf_config(model_dir)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise ConfigError(f"`model`: {model_dir}: {e}") from None
     shape = ModelShape(
-        num_experts=int(hf.get("num_experts") or 0),
-        num_attention_heads=int(hf["num_attention_heads"]),
-        num_query_groups=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-        num_linear_key_heads=int(hf.get("linear_num_key_heads") or 0),
-        num_linear_value_heads=int(hf.get("linear_num_value_heads") or 0),
-        source=f"{model_dir} ({arch})",
+        num_experts=int(spec.num_experts or 0),
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_key_value_heads,
+        num_linear_key_heads=int(spec.linear_num_key_heads or 0),
+        num_linear_value_heads=int(spec.linear_num_value_heads or 0),
+        source=f"{model_dir} ({spec.model_type})",
     )
-    return hf, shape
+    return spec.raw, shape
 
 
 def describe_extras(extras: Extras, *, cuda: bool) -> list[str]:

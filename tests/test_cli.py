@@ -136,3 +136,19 @@ def test_adapter_export_verify_and_continue(train_assets, tmp_path):
     first = json.loads((cont / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     base = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert first < base - 1e-3, (first, base)
+
+
+def test_plan_flagship_recipe_on_8_gpus_of_80_and_141_gb():
+    r = _run([sys.executable, "-m", "megalora", "plan", "configs/qwen3_coder_next_lora.yaml"],
+             env_extra={"HF_HUB_OFFLINE": "1", "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "layout: 8 GPUs, TP=1 EP=4 DP=8" in r.stdout
+    assert "512 experts top-10" in r.stdout
+    lines = {l.split(":")[0]: l for l in r.stdout.splitlines() if l.startswith(("80 GB GPU", "141 GB GPU"))}
+    assert set(lines) == {"80 GB GPU", "141 GB GPU"}
+    total = float(next(l.split()[-1] for l in r.stdout.splitlines() if l.startswith("total")))
+    for gb, line in ((80, lines["80 GB GPU"]), (141, lines["141 GB GPU"])):
+        assert ("fits" in line and "does not fit" not in line) == (total <= gb), line
+    bad = _run([sys.executable, "-m", "megalora", "plan", "configs/qwen3_coder_next_lora.yaml", "--num_gpus", "6"],
+               env_extra={"HF_HUB_OFFLINE": "1", "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9"})
+    assert bad.returncode == 2 and "expert_model_parallel_size" in bad.stderr

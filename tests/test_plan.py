@@ -32,17 +32,7 @@ from megalora.train.plan import (GIB, active_gemm_params, lora_adapters, lora_nu
                                  num_params, plan_main, step_flops)
 
 # Qwen3-Coder-Next's config.json (the fields that shape the model), written out here: no downloads.
-CODER_NEXT = {
-    "model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "hidden_size": 2048,
-    "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
-    "intermediate_size": 5120, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
-    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
-    "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
-    "shared_expert_intermediate_size": 512, "full_attention_interval": 4, "vocab_size": 151936,
-    "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
-    "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 5000000, "partial_rotary_factor": 0.25,
-    "max_position_embeddings": 262144,
-}
+from megalora.known_models import QWEN3_CODER_NEXT as CODER_NEXT  # noqa: E402  (the published shape)
 
 # Tiny shapes that exercise every branch: gated attention and GDN layers, a dense layer inside a
 # MoE model (mlp_only_layers), shared expert, head_dim != hidden/heads, tied embeddings.
@@ -328,8 +318,8 @@ _MEASURED_CASES = {
     "qwen3_moe": (dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
                        moe_intermediate_size=256, norm_topk_prob=True, max_position_embeddings=4096),
-                  ["q_proj", "k_proj", "v_proj", "o_proj"], "linear_qkv linear_proj linear_fc1 linear_fc2", [1024, 2048],
-                  1.25),
+                  ["q_proj", "k_proj", "v_proj", "o_proj"], "linear_qkv linear_proj linear_fc1 linear_fc2",
+                  [1024, 2048], 1.25),
     "qwen3_next": (dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
                         moe_intermediate_size=256, shared_expert_intermediate_size=0, full_attention_interval=2,

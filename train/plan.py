@@ -146,7 +146,7 @@ def frozen_weights(spec: HFModelSpec, *, vocab: int) -> list[Weight]:
             out += [Weight("routers + gates", e * h, "replicated"), Weight("routed_experts", e * 3 * h * f, "ep")]
             if spec.shared_expert_ffn_hidden_size:
                 out += [Weight("shared_expert", 3 * h * spec.shared_expert_ffn_hidden_size, "tp"),
-                        Weight("router", h, "replicated")]  # the shared expert's sigmoid gate
+                        Weight("routers + gates", h, "replicated")]  # the shared expert's sigmoid gate
         else:
             out.append(Weight("dense_mlp", 3 * h * spec.ffn_hidden_size, "tp"))
     return out
@@ -227,7 +227,8 @@ def lora_adapters(spec: HFModelSpec, *, lora: Any, padded_vocab: int) -> list[Ad
         else:
             mlps.append((f"{pre}.mlp", spec.ffn_hidden_size, "mlp"))
         for base, f, label in mlps:
-            fc1 = [(f"{label}.gate_proj", h, f), (f"{label}.up_proj", h, f)] if split else [(f"{label}.linear_fc1", h, 2 * f)]
+            fc1 = ([(f"{label}.gate_proj", h, f), (f"{label}.up_proj", h, f)] if split
+                   else [(f"{label}.linear_fc1", h, 2 * f)])
             add(f"{base}.linear_fc1", "linear_fc1", fc1, "column", "mlp_in")
             add(f"{base}.linear_fc2", "linear_fc2", [(f"{label}.linear_fc2", f, h)], "row", "mid")
     add("output_layer", "output_layer", [("output_layer", h, padded_vocab)], "column", "final")
