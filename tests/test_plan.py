@@ -105,8 +105,9 @@ def test_lora_parameters_equal_peft(kind: str) -> None:
     """Per-projection LoRA (peft's form) on all linear layers and every routed expert."""
     model, hf_config = hf_model(kind)
     expected = peft_lora_count(model, rank=4)
-    lora = LoraSection(lora_rank=4, lora_per_projection=True)
-    adapters = lora_adapters(model_spec(hf_config), lora=lora, padded_vocab=hf_config["vocab_size"])
+    lora = LoraSection(lora_rank=4)
+    adapters = lora_adapters(model_spec(hf_config), lora=lora, padded_vocab=hf_config["vocab_size"],
+                             per_projection=True)
     assert lora_numel(adapters, rank=4) == expected
 
 
@@ -119,9 +120,10 @@ def test_on_request_and_excluded_targets_equal_peft() -> None:
         r=2, target_modules=["gate", "shared_expert_gate", "lm_head", "q_proj", "k_proj", "v_proj", "o_proj"],
         exclude_modules=r".*\.layers\.1\..*"))
     expected = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    lora = LoraSection(lora_rank=2, lora_per_projection=True, exclude_modules=["layers.1."],
+    lora = LoraSection(lora_rank=2, exclude_modules=["layers.1."],
                        target_modules=["router", "shared_expert_gate", "output_layer", "linear_qkv", "linear_proj"])
-    adapters = lora_adapters(model_spec(hf_config), lora=lora, padded_vocab=hf_config["vocab_size"])
+    adapters = lora_adapters(model_spec(hf_config), lora=lora, padded_vocab=hf_config["vocab_size"],
+                             per_projection=True)
     assert lora_numel(adapters, rank=2) == expected
 
 
@@ -244,10 +246,9 @@ def test_lora_step_flops_equal_counted() -> None:
         model(inputs_embeds=embeds).logits.float().square().mean().backward()
     matmuls = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm}
     counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if op in matmuls)
-    cfg = cfg_from(f"--lora_rank 4 --lora_per_projection true --max_length {seq} --micro_batch_size {batch} "
-                   f"--global_batch_size {batch}")
+    cfg = cfg_from(f"--lora_rank 4 --max_length {seq} --micro_batch_size {batch} --global_batch_size {batch}")
     spec = model_spec(hf_config)
-    adapters = lora_adapters(spec, lora=cfg.lora, padded_vocab=hf_config["vocab_size"])
+    adapters = lora_adapters(spec, lora=cfg.lora, padded_vocab=hf_config["vocab_size"], per_projection=True)
     flops = step_flops(spec, adapters=adapters, cfg=cfg, num_gpus=1, padded_vocab=hf_config["vocab_size"])
     per_token = flops["per_token"]
     assert flops["tokens_per_step"] == batch * seq
@@ -353,10 +354,11 @@ def test_cpu_memory_prediction_matches_measured_peak(kind: str) -> None:
     hf_config = getattr(transformers, config_class)(**shape).to_dict()  # the shape alone, no tiny defaults
     predicted = []
     for seq in seqs:
-        cfg = cfg_from(f"--torch_dtype float32 --lora_dtype float32 --lora_rank {rank} --lora_per_projection true "
+        cfg = cfg_from(f"--torch_dtype float32 --lora_dtype float32 --lora_rank {rank} "
                        f"--target_modules {plan_targets} --max_length {seq} "
                        f"--micro_batch_size {batch} --global_batch_size {batch}")
-        predicted.append(memory_plan(cfg, hf_config=hf_config, num_gpus=1, device="cpu")["total"])
+        predicted.append(memory_plan(cfg, hf_config=hf_config, num_gpus=1, device="cpu",
+                                     per_projection=True)["total"])
     for got, want in zip(measured, predicted):
         assert want / factor <= got <= want * factor, (measured, predicted)
     got_slope = (measured[1] - measured[0]) / (seqs[1] - seqs[0])

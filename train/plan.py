@@ -11,8 +11,8 @@ Frozen weights (`torch_dtype`; `auto` = bf16 on GPU, fp32 on CPU), per GPU:
 LoRA (`lora_dtype`), rank r on every target, per GPU: a column-parallel base keeps A [r, in]
     replicated and splits B [out/TP, r]; a row-parallel base splits A [r, in/TP] and keeps B
     [out, r]; routed-expert adapters (one A, B per expert) live with their experts (÷EP).
-    `lora_per_projection=false` (megatron's fused layers: one adapter on q|k|v, on gate|up, on
-    GDN qkvz|ba) or `true` (one per HF projection, peft's form).
+    `per_projection=False` (megatron's fused layers, as megalora trains: one adapter on q|k|v,
+    on gate|up, on GDN qkvz|ba) or `True` (one per HF projection, peft's form, for comparison).
 Gradients: one per LoRA element in `lora_dtype`. AdamW: two fp32 moments, plus an fp32 master
     copy when `lora_dtype` is not fp32. No distributed-optimizer sharding is assumed.
 Activations (`act` = bf16 on GPU, the weight dtype on CPU), tokens T = micro_batch_size x
@@ -175,7 +175,7 @@ def _targets(target_modules: Sequence[str]) -> set[str]:
     return chosen
 
 
-def lora_adapters(spec: HFModelSpec, *, lora: Any, padded_vocab: int) -> list[Adapter]:
+def lora_adapters(spec: HFModelSpec, *, lora: Any, padded_vocab: int, per_projection: bool = False) -> list[Adapter]:
     """Every LoRA adapter the config's targets select (`lora` is a `LoraSection`).
 
     Selection follows `megalora.train.lora.apply`: a target name matches a module's last name
@@ -186,7 +186,7 @@ def lora_adapters(spec: HFModelSpec, *, lora: Any, padded_vocab: int) -> list[Ad
         regex = re.compile(lora.target_regex) if lora.target_regex else None
     except re.error as err:
         raise ConfigError(f"`target_regex`: invalid regular expression ({err})") from None
-    split = bool(lora.lora_per_projection)
+    split = per_projection
     h = spec.hidden_size
     chosen: list[Adapter] = []
 
@@ -341,7 +341,8 @@ def activation_bytes(spec: HFModelSpec, *, adapters: Sequence[Adapter], cfg: Con
     return {"layers": stored + final, "backward working set": max(per_layer)}
 
 
-def memory_plan(cfg: Config, *, hf_config: dict, num_gpus: int, device: str = "gpu") -> dict[str, Any]:
+def memory_plan(cfg: Config, *, hf_config: dict, num_gpus: int, device: str = "gpu",
+                per_projection: bool = False) -> dict[str, Any]:
     """Per-GPU bytes of every component (see the module docstring for what each one counts)."""
     spec = model_spec(hf_config)
     if cfg.model.num_layers is not None:
@@ -359,7 +360,7 @@ def memory_plan(cfg: Config, *, hf_config: dict, num_gpus: int, device: str = "g
     weights: dict[str, float] = {}
     for w in frozen_weights(spec, vocab=padded):
         weights[w.group] = weights.get(w.group, 0) + _split(w.numel, w.shard, layout, what=w.group) * prec.weight
-    adapters = lora_adapters(spec, lora=cfg.lora, padded_vocab=padded)
+    adapters = lora_adapters(spec, lora=cfg.lora, padded_vocab=padded, per_projection=per_projection)
     lora_local = lora_numel(adapters, rank=cfg.lora.lora_rank, layout=layout)
     tokens = cfg.train.micro_batch_size * cfg.data.max_length
     ts = tokens / layout.tp if layout.sp else tokens

@@ -168,8 +168,6 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
     """
     if getattr(lora_cfg, "tuner_type", "lora") != "lora":
         raise ValueError(f"lora.tuner_type={lora_cfg.tuner_type!r}: only 'lora' is offered")
-    if getattr(lora_cfg, "lora_per_projection", False):
-        raise ValueError("lora.lora_per_projection=true is not supported yet; set it to false")
     if any(isinstance(m, (LoraLinear, LoraExperts)) or hasattr(m, "gate_lora") or hasattr(m, "lora")
            for m in model.modules()):
         raise ValueError("apply_lora: the model already has LoRA adapters")
