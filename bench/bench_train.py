@@ -77,6 +77,8 @@ class Turns:
 
     The parent alternates the two sides step by step, so while one side steps the other is idle and
     both see the same background load of a shared machine; the waits sit outside the timed spans.
+    A child also says "done" when set up and waits for a last "go" after its last step, so neither
+    side's setup nor its exit (saving, freeing memory) overlaps a timed step of the other.
     """
 
     def __init__(self, go_fd: int, done_fd: int):
@@ -175,15 +177,15 @@ def child_megalora(work: Path, flags: list[str], turns: Turns) -> dict:
         def log(self, step: int, metrics: dict) -> None:
             self.inner.log(step, metrics)
             turns.done()
-            if step < cfg.train.train_iters:
-                turns.wait()
+            turns.wait()
 
         def close(self) -> None:
             self.inner.close()
 
     def sinks_spy(**kw):
         sink = TurnSink(real_sinks(**kw))
-        turns.wait()  # made just before the first step
+        turns.done()  # set up: the sinks are made just before the first step
+        turns.wait()
         return sink
 
     loop.train_step, lora_apply.apply_lora, loop.make_sinks = step_spy, apply_spy, sinks_spy
@@ -277,6 +279,7 @@ def child_peer(work: Path, flags: list[str], turns: Turns) -> dict:
     model.train()
     batches = iter(loader)
     digests, losses, tokens_per_s, tokens_per_step = [], [], [], []
+    turns.done()  # set up
     for _ in range(t.train_iters):
         turns.wait()
         t0 = time.perf_counter()
@@ -301,6 +304,7 @@ def child_peer(work: Path, flags: list[str], turns: Turns) -> dict:
         tokens_per_s.append(tokens / max(elapsed, 1e-9))
         tokens_per_step.append(tokens)
         turns.done()
+    turns.wait()  # released after the other side's last step
     return dict(rc=0, digests=digests, losses=losses, tokens_per_s=tokens_per_s, tokens_per_step=tokens_per_step,
                 trainable=trainable, adapted_base=adapted_base, max_rss_mib=_max_rss_mib())
 
@@ -325,15 +329,24 @@ def run_sides(work: Path, *, threads: int, steps: int, step_timeout: float = 120
         os.close(done_w)
         go[side], done[side] = go_w, done_r
     failed = None
+
+    def await_done(side: str) -> None:
+        nonlocal failed
+        ready, _, _ = select.select([done[side]], [], [], step_timeout)
+        if not ready or not os.read(done[side], 1):
+            failed = side
+            raise BrokenPipeError
+
     try:
+        for side in sides:
+            await_done(side)  # set up
         for k in range(steps):
             for side in (sides if k % 2 == 0 else sides[::-1]):
                 os.write(go[side], b".")
-                ready, _, _ = select.select([done[side]], [], [], step_timeout)
-                if not ready or not os.read(done[side], 1):
-                    failed = side
-                    raise BrokenPipeError
+                await_done(side)
             print(f"bench: step {k + 1}/{steps} done on both sides", flush=True)
+        for side in sides:
+            os.write(go[side], b".")  # release: finish and exit
     except BrokenPipeError:
         failed = failed or "?"
     finally:
@@ -364,6 +377,43 @@ def steady_tokens_per_s(result: dict, warmup: int) -> float:
 def median_step_tokens_per_s(result: dict, warmup: int) -> float:
     """Median of the per-step rates after warmup (less sensitive to other load on a shared machine)."""
     return float(statistics.median(result["tokens_per_s"][warmup:]))
+
+
+def print_report(mega: dict, peer: dict, *, steps: int, warmup: int) -> bool:
+    """Print the table, the ratios and the consistency checks; returns whether the batches matched."""
+    same = mega["digests"] == peer["digests"] and len(mega["digests"]) == steps
+    rows = [("megalora", mega), ("transformers+peft", peer)]
+    tps = {name: steady_tokens_per_s(r, warmup) for name, r in rows}
+    med = {name: median_step_tokens_per_s(r, warmup) for name, r in rows}
+    # Other load only ever slows a step down, so the fastest step is the least disturbed one.
+    best = {name: max(r["tokens_per_s"][warmup:]) for name, r in rows}
+    print()
+    print(f"{'side':<20}{'tokens/s':>10}{'median step':>13}{'best step':>11}{'peak RSS MiB':>14}{'trainable':>12}"
+          f"{'adapted base':>14}{'loss first':>12}{'loss last':>11}")
+    for name, r in rows:
+        print(f"{name:<20}{tps[name]:>10.0f}{med[name]:>13.0f}{best[name]:>11.0f}{r['max_rss_mib']:>14.0f}"
+              f"{r['trainable']:>12,}{r['adapted_base']:>14,}{r['losses'][0]:>12.4f}{r['losses'][-1]:>11.4f}")
+    peer_name = "transformers+peft"
+    print(f"ratio megalora/peer: tokens/s {tps['megalora'] / tps[peer_name]:.2f}x (median step "
+          f"{med['megalora'] / med[peer_name]:.2f}x, best step {best['megalora'] / best[peer_name]:.2f}x), "
+          f"peak RSS {mega['max_rss_mib'] / peer['max_rss_mib']:.2f}x")
+    for name, r in rows:
+        print(f"{name} per-step tokens/s: {' '.join(f'{x:.0f}' for x in r['tokens_per_s'])}")
+    # LoRA B starts at zero on both sides, so the first loss is the base model's on the same batch.
+    print(f"first-step loss difference (same base model, same batch): "
+          f"{abs(mega['losses'][0] - peer['losses'][0]):.2e}")
+    print(f"same token batches on both sides: {'yes' if same else 'NO'}; same adapted base weights: "
+          f"{'yes' if mega['adapted_base'] == peer['adapted_base'] else 'NO'}")
+    print(f"megalora trainable by kind: {mega['trainable_by_kind']}")
+    # megalora fuses q/k/v, GDN in_proj_qkvz+in_proj_ba and the shared expert's gate+up into one
+    # linear each, so one A [r, hidden] serves what peft gives separate A's.
+    layers, interval = BENCH_MODEL["num_hidden_layers"], BENCH_MODEL["full_attention_interval"]
+    full = layers // interval
+    shared_a = LORA_RANK * BENCH_MODEL["hidden_size"] * (2 * full + (layers - full) + layers)
+    fused_ok = mega["trainable"] == peer["trainable"] - shared_a
+    print(f"trainable counts differ only by the A's megalora's fused projections share ({peer['trainable']:,} - "
+          f"{shared_a:,} = {peer['trainable'] - shared_a:,}): {'yes' if fused_ok else 'NO'}")
+    return same
 
 
 def main() -> None:
@@ -408,34 +458,7 @@ def main() -> None:
         mega, peer = results["megalora"], results["peer"]
         print(f"bench: both sides done in {time.perf_counter() - t1:.1f}s", flush=True)
 
-        same = mega["digests"] == peer["digests"] and len(mega["digests"]) == args.steps
-        rows = [("megalora", mega), ("transformers+peft", peer)]
-        tps = {name: steady_tokens_per_s(r, args.warmup) for name, r in rows}
-        med = {name: median_step_tokens_per_s(r, args.warmup) for name, r in rows}
-        print()
-        print(f"{'side':<20}{'tokens/s':>10}{'median step':>13}{'peak RSS MiB':>14}{'trainable':>12}"
-              f"{'adapted base':>14}{'loss first':>12}{'loss last':>11}")
-        for name, r in rows:
-            print(f"{name:<20}{tps[name]:>10.0f}{med[name]:>13.0f}{r['max_rss_mib']:>14.0f}{r['trainable']:>12,}"
-                  f"{r['adapted_base']:>14,}{r['losses'][0]:>12.4f}{r['losses'][-1]:>11.4f}")
-        peer_name = "transformers+peft"
-        print(f"ratio megalora/peer: tokens/s {tps['megalora'] / tps[peer_name]:.2f}x "
-              f"(median step {med['megalora'] / med[peer_name]:.2f}x), "
-              f"peak RSS {mega['max_rss_mib'] / peer['max_rss_mib']:.2f}x")
-        # LoRA B starts at zero on both sides, so the first loss is the base model's on the same batch.
-        print(f"first-step loss difference (same base model, same batch): "
-              f"{abs(mega['losses'][0] - peer['losses'][0]):.2e}")
-        print(f"same token batches on both sides: {'yes' if same else 'NO'}; same adapted base weights: "
-              f"{'yes' if mega['adapted_base'] == peer['adapted_base'] else 'NO'}")
-        print(f"megalora trainable by kind: {mega['trainable_by_kind']}")
-        # megalora fuses q/k/v, GDN in_proj_qkvz+in_proj_ba and the shared expert's gate+up into one
-        # linear each, so one A [r, hidden] serves what peft gives separate A's.
-        layers, interval = BENCH_MODEL["num_hidden_layers"], BENCH_MODEL["full_attention_interval"]
-        full = layers // interval
-        shared_a = LORA_RANK * BENCH_MODEL["hidden_size"] * (2 * full + (layers - full) + layers)
-        fused_ok = mega["trainable"] == peer["trainable"] - shared_a
-        print(f"trainable counts differ only by the A's megalora's fused projections share "
-              f"({peer['trainable']:,} - {shared_a:,} = {peer['trainable'] - shared_a:,}): {'yes' if fused_ok else 'NO'}")
+        same = print_report(mega, peer, steps=args.steps, warmup=args.warmup)
         if not same:
             raise SystemExit("bench: the two sides saw different batches; the comparison is void")
     finally:

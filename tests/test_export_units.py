@@ -324,14 +324,13 @@ def test_torchrun_export_splits_layers_over_ranks(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from megalora.parallel.multiprocess import free_port
-
     ckpt = _dense_checkpoint(tmp_path)
     script = tmp_path / "run_export.py"
     script.write_text(TORCHRUN_SCRIPT)
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+    # --standalone: torchrun picks a free rendezvous port itself.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script),
                            str(ckpt), "--out", str(tmp_path / "multi"), "--max_shard_size", "30KB",
                            "--verify", "false"], capture_output=True, text=True, timeout=180, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
