@@ -75,3 +75,16 @@ def test_metrics_jsonl_on_rank0_only(tmp_path, capsys):
     progress.update(5, {"loss": 1.25, "lr": 1e-4, "tokens_per_s": 100.0})
     out = capsys.readouterr().out
     assert "step 5/10" in out and "loss 1.2500" in out and "eta" in out
+
+
+def test_wandb_offline_run_records_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sinks = make_sinks(rank=0, run_dir=tmp_path, report_to="wandb", wandb_project="p", wandb_mode="offline",
+                       wandb_name="t", config={"lora_rank": 8})
+    sinks.log(1, {"loss": 2.5, "grad_norm_probe": 0.125})
+    sinks.close()
+    records = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()
+    assert b"grad_norm_probe" in data and b"lora_rank" in data
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["grad_norm_probe"] == 0.125
