@@ -128,3 +128,20 @@ def test_each_rank_holds_and_reads_only_its_shard(name, layout, checkpoints, ran
         # What a rank reads is at most what it holds (fp32): never the full model.
         assert found["bytes_read"] <= 4 * held
         assert found["bytes_read"] < 0.8 * checkpoint_bytes
+
+
+def test_dense_qwen3_and_a_sharded_checkpoint_on_their_layouts(tmp_path):
+    """The remaining test checkpoints: dense Qwen3 (no experts: TP=2+SP is its layout) and a
+    Qwen3-MoE saved in several shards with an index, on every layout."""
+    dense = str(make_tiny_checkpoint("qwen3", tmp_path / "dense", seed=3))
+    sharded = str(make_tiny_checkpoint("qwen3_moe", tmp_path / "sharded", seed=4, max_shard_size="20KB"))
+    assert (Path(sharded) / "model.safetensors.index.json").is_file()
+    runs = [(dense, [(2, 1, True)], 2), (sharded, LAYOUTS, WORLD_SIZE)]
+    for path, layouts, world in runs:
+        results = spawn(rank_forward, world, args=([path], layouts), timeout=600)
+        ref = reference_logits(path)
+        for layout in layouts:
+            ours = results[0][layout][path]["logits"]
+            rel = ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+            assert rel <= 1e-5, f"{path} {layout}: relative L2 {rel:.3e}"
+            assert torch.equal(ours.argmax(-1), ref.argmax(-1))
