@@ -1,6 +1,5 @@
 """Shared fixtures: assets made once per test session (never downloaded)."""
 import os
-from pathlib import Path
 
 import pytest
 

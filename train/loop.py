@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megalora.train.checkpoint import load_checkpoint, save_checkpoint
 from megalora.train.logging import Progress, make_sinks

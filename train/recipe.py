@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,14 +98,13 @@ def data_cache_dir() -> Path:
 
 
 def train(cfg: Config, extras: Extras) -> int:
-    from megalora.dry_run import describe_extras, read_model_shape
     from megalora.parallel import groups
 
     # A caller that started torch.distributed itself (a test harness) keeps its process group.
     owns_process_group = not (dist.is_available() and dist.is_initialized())
     rt = setup_distributed(cfg)
     try:
-        return _train(cfg, extras, rt, describe_extras=describe_extras, read_model_shape=read_model_shape)
+        return _train(cfg, extras, rt)
     except (ConfigError, ValueError) as e:
         print(f"megalora sft: error (rank {rt.rank}): {e}", file=sys.stderr, flush=True)
         return 2
@@ -119,9 +117,10 @@ def train(cfg: Config, extras: Extras) -> int:
             parallel_state.destroy_model_parallel()
 
 
-def _train(cfg: Config, extras: Extras, rt: Runtime, *, describe_extras, read_model_shape) -> int:
+def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     from transformers import AutoTokenizer
 
+    from megalora.dry_run import describe_extras, read_model_shape
     from megalora.data.dataset import build_datasets
     from megalora.data.sampler import BatchLoader
     from megalora.train.loop import Trainer
