@@ -88,3 +88,19 @@ def test_wandb_offline_run_records_the_metrics(tmp_path, monkeypatch):
     data = records[0].read_bytes()
     assert b"grad_norm_probe" in data and b"lora_rank" in data
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["grad_norm_probe"] == 0.125
+
+
+def test_a_new_run_sets_the_previous_one_aside(tmp_path):
+    from megalora.train.recipe import set_aside_previous_run
+
+    assert set_aside_previous_run(tmp_path) is None  # nothing there yet
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "meta.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "latest").write_text("checkpoint-5\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    moved = set_aside_previous_run(tmp_path)
+    assert moved is not None and moved.parent == tmp_path
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-5", "latest", "metrics.jsonl"]
+    assert (moved / "checkpoint-5" / "meta.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([moved.name, "notes.txt"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,23 @@ def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
     return Path(model_dir)
 
 
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """A new run in a used folder: move the earlier run's files into `previous-<time>/`, so
+    its checkpoints and metrics are neither mixed with the new ones nor lost."""
+    from megalora.train.run_dir import CHECKPOINT_RE
+
+    old = [p for p in run_dir.iterdir()
+           if CHECKPOINT_RE.match(p.name) or p.name in ("metrics.jsonl", "latest", "config.yaml")
+           or p.name.startswith(".tmp-checkpoint-")]
+    if not any(CHECKPOINT_RE.match(p.name) or p.name == "metrics.jsonl" for p in old):
+        return None
+    target = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+    target.mkdir()
+    for p in old:
+        p.rename(target / p.name)
+    return target
+
+
 def data_cache_dir() -> Path:
     base = os.environ.get("MEGALORA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "megalora")
     return Path(base) / "data"
@@ -138,6 +156,10 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     run_dir = Path(cfg.checkpoint.save)
     if rt.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.checkpoint.resume is None:
+            moved = set_aside_previous_run(run_dir)
+            if moved is not None:
+                rt.log(f"megalora: {run_dir} held an earlier run; moved it to {moved} (use --resume latest to continue one)")
         save_config(cfg, run_dir / "config.yaml")
     rt.log(f"megalora: world {rt.world_size} = TP {rt.tp} x DP {rt.dp_size}; EP {rt.ep}; "
            f"gradient accumulation {degrees['grad_accum']}; run folder {run_dir}")
