@@ -67,6 +67,7 @@ class LoraSection:
     target_modules: list = _f(["all-linear"], "Layers that get LoRA: all-linear, or names such as linear_qkv linear_proj linear_fc1 linear_fc2 in_proj out_proj router shared_expert_gate output_layer.")
     target_regex: Optional[str] = _f(None, "Regex over module names; when set, matching modules get LoRA in addition to target_modules.")
     exclude_modules: list = _f([], "Module names (or substrings) that never get LoRA.")
+    lora_per_projection: bool = _f(False, "Inside fused megatron layers (q/k/v, gate/up, GDN qkvz/ba) train one adapter per HF projection (peft's form: stacked A, block-diagonal B) instead of one per fused layer.")
     adapters: Optional[str] = _f(None, "Start from an existing PEFT adapter folder.")
 
 

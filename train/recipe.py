@@ -189,6 +189,13 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
                               sequence_parallel=cfg.parallel.sequence_parallel, **overrides)
     model.to(rt.device)
     report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
+    if cfg.lora.lora_per_projection:
+        from megalora.train.lora.options import LoraOptions
+        from megalora.train.lora.per_projection import split_fused_adapters
+
+        count = split_fused_adapters(model, hf_spec=info.spec, lora_options=LoraOptions.from_section(cfg.lora),
+                                     seed=t.seed)
+        rt.log(f"megalora: lora_per_projection: {count} fused layers train one adapter per HF projection")
     if cfg.lora.adapters is not None:
         from megalora.train.lora.peft_format import load_peft_adapter
 
