@@ -170,6 +170,10 @@ def test_export_covers_every_peft_target_and_counts(case) -> None:
             duplicated += p.numel()
     padding = (info.padded_vocab_size - spec.vocab_size) * RANK
     assert case["report"].total_trainable + duplicated - padding == peft_count
+    from megalora.train.lora.peft_format import peft_equivalent_count
+
+    assert peft_equivalent_count(case["model"], rank=RANK, vocab_size=spec.vocab_size,
+                                 padded_vocab_size=info.padded_vocab_size) == peft_count
 
 
 @pytest.mark.parametrize("kind", ["converted", "explicit", "v4"])

@@ -189,6 +189,12 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
                               sequence_parallel=cfg.parallel.sequence_parallel, **overrides)
     model.to(rt.device)
     report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
+    if not cfg.lora.lora_per_projection:
+        from megalora.train.lora.peft_format import peft_equivalent_count
+
+        same = peft_equivalent_count(model, rank=cfg.lora.lora_rank, vocab_size=info.vocab_size,
+                                     padded_vocab_size=info.padded_vocab_size)
+        rt.log(f"megalora: as a peft adapter (one A per HF projection): {same:,} trainable parameters")
     if cfg.lora.lora_per_projection:
         from megalora.train.lora.options import LoraOptions
         from megalora.train.lora.per_projection import split_fused_adapters

@@ -292,3 +292,22 @@ def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_sp
     from megalora.train.lora import peft_import
 
     return peft_import.apply_peft_adapter(model, adapter_dir, hf_spec=hf_spec, seed=seed, expert_impl=expert_impl)
+
+
+def peft_equivalent_count(model: torch.nn.Module, *, rank: int, vocab_size: int, padded_vocab_size: int) -> int:
+    """The trainable count peft reports for the exported adapter of `model` (this rank's share).
+
+    Ours keeps one A per fused layer where peft keeps one per HF projection (q/k/v: 3, gate/up
+    and GDN qkvz/ba: 2), and B of the output layer spans the TP-padded vocabulary."""
+    count = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        count += p.numel()
+        if name.endswith(".linear_qkv.lora_A"):
+            count += 2 * p.numel()
+        elif name.endswith((".in_proj.lora_A", ".linear_fc1.lora_A")):
+            count += p.numel()
+    if "output_layer.lora_B" in dict(model.named_parameters()):
+        count -= (padded_vocab_size - vocab_size) * rank
+    return count
