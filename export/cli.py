@@ -11,13 +11,7 @@ import argparse
 import os
 import sys
 
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+from megalora.config import bool_flag
 
 
 def _size(text: str) -> str:
@@ -44,12 +38,12 @@ def parser() -> argparse.ArgumentParser:
                       help="write a PEFT adapter instead")
     p.set_defaults(mode="merge")
     p.add_argument("--max_shard_size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--verify", type=_bool, default=True,
+    p.add_argument("--verify", type=bool_flag, default=True,
                    help="compare the merged model with the unmerged one (default true; holds the model twice in fp32)")
     p.add_argument("--verify_layers", type=int, default=None, help="verify only the first N decoder layers")
     p.add_argument("--push_to_hub", default=None, metavar="ID", help="hub repository 'owner/name' to upload to")
     p.add_argument("--hub", choices=sorted(HUBS), default="modelscope")
-    p.add_argument("--private", type=_bool, default=True, help="create the hub repository as private (default true)")
+    p.add_argument("--private", type=bool_flag, default=True, help="create the hub repository as private (default true)")
     p.add_argument("--commit_message", default=DEFAULT_COMMIT_MESSAGE)
     p.add_argument("--hub_token", default=None,
                    help="hub token (default: MODELSCOPE_API_TOKEN / HF_TOKEN); never printed")

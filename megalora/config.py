@@ -355,6 +355,17 @@ def _is_number(tok: str) -> bool:
         return False
 
 
+def bool_flag(text: str) -> bool:
+    """argparse type for `--flag true|false` in the commands that take no config tree."""
+    import argparse
+
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _coerce_bool(key, value, where):
     if isinstance(value, bool):
         return value

@@ -19,14 +19,23 @@ def resolve_model_dir(cfg: Config, *, log=print) -> Path:
 
 
 def resolve_model_dir_from_name(name: str, *, use_hf: bool = False, log=print) -> Path:
-    """The local folder of a model: the embedded demo, a local folder, or a hub id."""
+    """The local folder of a model: the embedded demo, a local folder, or a hub id.
+
+    Under torch.distributed call it on every rank: each node's local rank 0 downloads while
+    the others wait, and a failed download raises on every rank instead of hanging them."""
+    import os
+
+    import torch.distributed as dist
+
     from megalora.demo import DEMO, ensure_demo_assets
 
     if name == DEMO:
         return ensure_demo_assets(log=log).model_dir
     from megalora.hub import resolve_model
 
-    return Path(resolve_model(name, use_hf=use_hf))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if world > 1 else 0))
+    return Path(resolve_model(name, use_hf=use_hf, rank=local_rank, world_size=world))
 
 
 def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:

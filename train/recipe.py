@@ -85,12 +85,7 @@ def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
         assets = ensure_demo_assets(log=rt.log)
         cfg.data.dataset = [str(assets.data_file) if d == DEMO else d for d in cfg.data.dataset]
         cfg.data.val_dataset = [str(assets.data_file) if d == DEMO else d for d in cfg.data.val_dataset]
-    if rt.rank == 0:
-        model_dir = resolve_model_dir(cfg, log=rt.log)
-    _barrier()
-    if rt.rank != 0:
-        model_dir = resolve_model_dir(cfg, log=rt.log)
-    return Path(model_dir)
+    return resolve_model_dir(cfg, log=rt.log)
 
 
 def set_aside_previous_run(run_dir: Path) -> Path | None:

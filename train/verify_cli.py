@@ -11,13 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+from megalora.config import bool_flag
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,8 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="check only the first N decoder layers")
     p.add_argument("--tensor_model_parallel_size", type=int, default=1)
     p.add_argument("--expert_model_parallel_size", type=int, default=1)
-    p.add_argument("--sequence_parallel", type=_bool, default=False)
-    p.add_argument("--use_hf", type=_bool, default=False, help="resolve hub ids through the Hugging Face hub")
+    p.add_argument("--sequence_parallel", type=bool_flag, default=False)
+    p.add_argument("--use_hf", type=bool_flag, default=False, help="resolve hub ids through the Hugging Face hub")
     p.add_argument("--seq_length", type=int, default=64, help="tokens per sample")
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative L2 error that passes")
@@ -59,8 +53,8 @@ def cmd_verify(argv: list[str]) -> int:
     from megalora.parallel import groups
     from megalora.train.model.verify import run_verify
 
-    model_dir = resolve_model_dir_from_name(args.model, use_hf=args.use_hf)
     groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
+    model_dir = resolve_model_dir_from_name(args.model, use_hf=args.use_hf)
     try:
         result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, tp=tp, ep=ep,
                             sequence_parallel=sequence_parallel, tolerance=args.tolerance,
