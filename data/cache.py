@@ -22,7 +22,7 @@ from megalora.data.errors import Problem
 from megalora.data.pipeline import DataStats, Processed, RowSettings
 from megalora.data.readers import Row
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _ARRAYS = ("input_ids", "labels", "offsets", "source_index", "line")
 
 

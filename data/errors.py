@@ -17,6 +17,8 @@ REASONS = {
     "no_assistant_turn": "no assistant turn",
     "empty_conversation": "empty conversation",
     "template_error": "the chat template rejected the conversation",
+    "unmaskable_template": "the chat template's renderings do not locate the assistant's turn",
+    "row_error": "the row could not be read or tokenised",
     "too_long": "longer than max_length (truncation_strategy=delete)",
     "no_trained_tokens": "no trained tokens left (all assistant turns masked or truncated away)",
 }
