@@ -161,8 +161,9 @@ def _per_turn(tokenizer, messages, tools, chosen, info) -> list[Rendered]:
         prompt = render(tokenizer, messages[:i], tools, add_generation_prompt=True, info=info)
         text = render(tokenizer, messages[:i + 1], tools, add_generation_prompt=False, info=info)
         if not text.startswith(prompt):
-            raise RowProblem("unmaskable_template", f"messages[{i}]",
-                             f"the generation prompt is not where messages[{i}] starts ({_difference(text, prompt)})")
+            options = f" with chat-template options {info.kwargs}" if info.kwargs else ""
+            raise RowProblem("unmaskable_template", f"messages[{i}]", f"the generation prompt{options} is not where "
+                             f"messages[{i}] starts ({_difference(text, prompt)})")
         start = len(prompt)
         out.append(Rendered(text, [(start, start + _turn_end(text[start:], info.markers))], [i]))
     return out

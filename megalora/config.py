@@ -174,6 +174,8 @@ NOT_APPLICABLE = {
     "load_safetensors": "weights are always read straight from the HF safetensors",
     "use_mcore_models": "megatron-core models are always used",
     "no_save_rng_state": "alias of no_save_rng",
+    "template": "the model's own chat template (its tokenizer files) is always used; options go in enable_thinking / chat_template_kwargs",
+    "template_backend": "the model's own jinja chat template is always rendered",
 }
 # Flags that select a GPU fusion or kernel. Accepted; whether they apply is reported at
 # start-up by the model builder (on CPU none of them is available).

@@ -4,8 +4,8 @@
   `<think>` block (empty when it has no reasoning) only while it is the last message or has
   reasoning; earlier turns lose it; `enable_thinking=false` puts an empty block in the
   generation prompt; JSON-style tool calls print string arguments as written.
-- THINKING (Thinking-2507, Qwen3-Next-Thinking): the generation prompt ends with `<think>\\n`,
-  turns before the last user query are rendered without their reasoning.
+- THINKING (Thinking-2507, Qwen3-Next-Thinking): the same turns, but the generation prompt ends
+  with `<think>\\n`.
 - CODER (the tiny tokenizer's own template, Qwen3-Coder-like): no reasoning support, XML-style
   tool calls that iterate over the arguments.
 
@@ -72,16 +72,14 @@ _CALLS_AND_TOOLS = r"""{%- for call in (m.tool_calls or []) -%}
 {%- endif -%}
 {%- endfor -%}
 """
-HYBRID = _HEADER + r"""{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}
+_ASSISTANT = r"""{%- if loop.index0 > ns.last_query and (loop.last or reasoning) -%}
 {{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') -}}
 {%- else -%}{{- '<|im_start|>assistant\n' + content -}}{%- endif -%}
-""" + _CALLS_AND_TOOLS + r"""{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}
+"""
+HYBRID = _HEADER + _ASSISTANT + _CALLS_AND_TOOLS + r"""{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}
 {%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}
 {%- endif -%}"""
-THINKING = _HEADER + r"""{%- if loop.index0 > ns.last_query -%}
-{{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') -}}
-{%- else -%}{{- '<|im_start|>assistant\n' + content -}}{%- endif -%}
-""" + _CALLS_AND_TOOLS + r"""{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n<think>\n' -}}{%- endif -%}"""
+THINKING = _HEADER + _ASSISTANT + _CALLS_AND_TOOLS + r"""{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n<think>\n' -}}{%- endif -%}"""
 TEMPLATES = {"hybrid": HYBRID, "thinking": THINKING, "coder": CODER}
 
 
@@ -225,12 +223,9 @@ def test_trained_tokens_are_the_assistants_own(tok, kind, name):
     t = _with_template(tok, TEMPLATES[kind])
     messages = CONVERSATIONS[name]
     row = _encode(t, messages)
-    # The Coder-like template is prefix-stable: one sample. The hybrid one drops the empty think
-    # block of every earlier turn; the thinking one renders turns before the last user query
-    # without the `<think>\n` their generation prompt had: one sample per trained turn there.
-    trained = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("loss", True)]
-    last_query = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    per_turn = ((kind == "hybrid" and len(trained) > 1) or (kind == "thinking" and trained[0] < last_query))
+    # The Coder-like template is prefix-stable: one sample. The reasoning ones drop the empty think
+    # block of every earlier turn: one sample per trained turn as soon as there are several.
+    per_turn = kind != "coder" and sum(m["role"] == "assistant" and m.get("loss", True) for m in messages) > 1
     assert row.strategy == ("per_turn" if per_turn else "incremental")
     for mode in (["auto", "per_turn"] if not per_turn else ["auto"]):
         row = _encode(t, messages, mode)
@@ -358,3 +353,21 @@ def test_hybrid_template_model_dry_run_dump_and_train(train_assets, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_template_options_from_flags_and_yaml(tmp_path):
+    from megalora.config import ConfigError, load_config
+    from megalora.data.dataset import row_settings
+
+    cfg, _ = load_config(argv=["--enable_thinking", "false", "--chat_template_kwargs", '{"add_vision_id": true}',
+                               "--template_mode", "per_turn"])
+    encode = row_settings(cfg.data).encode
+    assert encode.template_kwargs == (("add_vision_id", True), ("enable_thinking", False))
+    assert encode.template_mode == "per_turn"
+    (tmp_path / "c.yaml").write_text("data:\n  chat_template_kwargs: {enable_thinking: true}\n")
+    cfg, _ = load_config(tmp_path / "c.yaml")
+    assert row_settings(cfg.data).encode.template_kwargs == (("enable_thinking", True),)
+    with pytest.raises(ConfigError, match="chat_template_kwargs"):
+        load_config(argv=["--chat_template_kwargs", "[1, 2]"])
+    with pytest.raises(ConfigError, match="template_mode"):
+        load_config(argv=["--template_mode", "whole"])
