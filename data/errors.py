@@ -6,6 +6,7 @@ from dataclasses import dataclass
 # Every reason a row can be skipped for, in report order. Validation reasons are bad rows
 # (strict mode stops at them); the last two are produced by tokenisation and never stop a run.
 REASONS = {
+    "not_utf8": "not UTF-8 text",
     "invalid_json": "not valid JSON (or not a JSON object)",
     "missing_messages": "no `messages` (nor alpaca `instruction`/`output`, sharegpt `conversations`, `query`/`response`)",
     "unknown_role": "unknown role",

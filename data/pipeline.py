@@ -85,6 +85,8 @@ def process_row(row: Row, tokenizer, settings: RowSettings, *, info: TemplateInf
 
     where = f"{row.source}:{row.line}"
     try:
+        if row.error is not None:
+            raise RowProblem("not_utf8", "", row.error)
         obj = row.obj if row.obj is not None else parse_json_line(row.text)
         conv = to_conversation(obj)
         conv = fill_placeholders(conv, model_name=list(settings.model_name), model_author=list(settings.model_author), where=where)

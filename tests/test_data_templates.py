@@ -299,11 +299,14 @@ def test_bad_rows_are_counted_or_named(tok, tmp_path):
     nested = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
     huge = json.dumps({"messages": [{"role": "user", "content": "word " * 400_000}, {"role": "assistant", "content": "ok"}]})
     path = _write(tmp_path / "rows.jsonl", [good, unmaskable, good, surrogate, nested, huge, good])
+    with path.open("ab") as f:
+        f.write(b'{"messages": "\xff"}\n')  # not UTF-8
     settings = RowSettings(encode=EncodeSettings(max_length=256))
     out = process_rows(read_jsonl(path), t, settings, strict=False)
-    assert out.stats.kept == 3 and out.stats.rows_read == 7
-    assert out.stats.skipped == {"unmaskable_template": 1, "row_error": 2, "too_long": 1}
+    assert out.stats.kept == 3 and out.stats.rows_read == 8
+    assert out.stats.skipped == {"not_utf8": 1, "unmaskable_template": 1, "row_error": 2, "too_long": 1}
     by_line = {p.line: p for p in out.problems}
+    assert by_line[8].reason == "not_utf8"
     assert by_line[2].reason == "unmaskable_template"
     assert by_line[4].reason == "row_error" and "TypeError" in by_line[4].detail
     assert by_line[5].reason == "row_error" and "RecursionError" in by_line[5].detail
@@ -311,8 +314,8 @@ def test_bad_rows_are_counted_or_named(tok, tmp_path):
     assert out.stats.num_samples == 9 and out.stats.rows_per_turn == 3 and out.stats.tokens_added > 0
     with pytest.raises(DataError, match=f"{path}:2: .*unmaskable_template"):
         process_rows(read_jsonl(path), t, settings, strict=True)
-    for line in (4, 5):
-        path = _write(tmp_path / f"bad{line}.jsonl", [good, [surrogate, nested][line - 4]])
+    for name, bad in (("surrogate", surrogate), ("nested", nested)):
+        path = _write(tmp_path / f"{name}.jsonl", [good, bad])
         with pytest.raises(DataError, match=f"{path}:2: .*row_error"):
             process_rows(read_jsonl(path), t, settings, strict=True)
 
