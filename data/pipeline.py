@@ -44,6 +44,7 @@ class DataStats:
     rows_per_turn: int = 0  # rows encoded as one sample per trained turn
     tokens_added: int = 0  # by those rows, over one sample each (their longest)
     reasoning_dropped: int = 0  # rows with reasoning_content the template does not render in a trained turn
+    by_source: dict = field(default_factory=dict)  # source -> [rows kept, rows_per_turn, samples, tokens_added]
 
     def check(self) -> None:
         assert self.kept + sum(self.skipped.values()) == self.rows_read, self
@@ -63,6 +64,9 @@ def masking_line(s: DataStats) -> str:
             f"+{s.tokens_added} tokens by expansion)")
     if s.reasoning_dropped:
         line += f"; {s.reasoning_dropped} rows have reasoning_content the chat template does not render (not trained)"
+    if len(s.by_source) > 1:
+        line += "".join(f"\n    {source}: {rows - per_turn} rows as one sample, {per_turn} per trained turn "
+                        f"({samples} samples, +{added} tokens)" for source, (rows, per_turn, samples, added) in s.by_source.items())
     return line
 
 
@@ -163,10 +167,15 @@ class _Collector:
             return
         stats.kept += 1
         stats.reasoning_dropped += out.reasoning_dropped
+        counts = stats.by_source.setdefault(row.source, [0, 0, 0, 0])
+        counts[0] += 1
+        counts[2] += len(out.samples)
         if out.strategy == "per_turn":
-            stats.rows_per_turn += 1
             lengths = [len(s.input_ids) for s in out.samples]
+            stats.rows_per_turn += 1
             stats.tokens_added += sum(lengths) - max(lengths)
+            counts[1] += 1
+            counts[3] += sum(lengths) - max(lengths)
         source = self.sources.setdefault(row.source, len(self.sources))
         for sample in out.samples:
             stats.num_samples += 1

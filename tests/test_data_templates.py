@@ -374,3 +374,18 @@ def test_template_options_from_flags_and_yaml(tmp_path):
         load_config(argv=["--chat_template_kwargs", "[1, 2]"])
     with pytest.raises(ConfigError, match="template_mode"):
         load_config(argv=["--template_mode", "whole"])
+
+
+def test_masking_report_per_dataset(tok, tmp_path):
+    from megalora.data.pipeline import masking_line
+
+    t = _with_template(tok, HYBRID)
+    one = _write(tmp_path / "one.jsonl", [json.dumps({"messages": CONVERSATIONS["single_turn"]})] * 2)
+    many = _write(tmp_path / "many.jsonl", [json.dumps({"messages": CONVERSATIONS["system_and_three_turns"]})])
+    out = process_rows(read_jsonl(one) + read_jsonl(many), t, RowSettings(encode=EncodeSettings(max_length=512)))
+    lengths = np.diff(out.offsets)
+    assert out.stats.tokens_added == lengths[2:].sum() - lengths[2:].max()
+    report = masking_line(out.stats)
+    assert "2 rows as one sample, 1 rows as one sample per trained turn (5 samples in all" in report
+    assert f"{one}: 2 rows as one sample, 0 per trained turn (2 samples, +0 tokens)" in report
+    assert f"{many}: 0 rows as one sample, 1 per trained turn (3 samples, +{out.stats.tokens_added} tokens)" in report
