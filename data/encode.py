@@ -84,6 +84,7 @@ _PROBE_ARGUMENTS = '{"probe_argument":"as written"}'  # compact: a re-serialisat
 
 
 def template_info(tokenizer, settings: EncodeSettings) -> TemplateInfo:
+    """End markers, whether the template prints string tool arguments as written (probed once), the longest token."""
     markers = set(getattr(tokenizer, "all_special_tokens", []) or [])
     markers.update(tokenizer.get_added_vocab().keys())
     kwargs = dict(settings.template_kwargs)

@@ -72,7 +72,7 @@ def masking_line(s: DataStats) -> str:
 
 @dataclass
 class Processed:
-    """Tokenised rows, flat: sample i is `input_ids[offsets[i]:offsets[i+1]]`."""
+    """Tokenised samples (one or more per kept row), flat: sample i is `input_ids[offsets[i]:offsets[i+1]]`."""
     input_ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
