@@ -10,7 +10,7 @@ This package never imports megatron-core.
 """
 from megalora.data.dataset import TokenizedDataset, build_dataset, build_datasets
 from megalora.data.demo_data import write_demo_chats
-from megalora.data.encode import IGNORE_INDEX, EncodeSettings, TemplatePrefixError, encode_conversation
+from megalora.data.encode import IGNORE_INDEX, TEMPLATE_MODES, EncodeSettings, encode_conversation
 from megalora.data.errors import REASONS, DataError
 from megalora.data.hub_datasets import HubDatasetError
 from megalora.data.pack import best_fit_decreasing, collate
@@ -20,7 +20,7 @@ from megalora.data.tiny_tokenizer import build_tiny_tokenizer
 
 __all__ = [
     "BatchLoader", "DataError", "DataLoaderState", "EncodeSettings", "EpochSampler", "HubDatasetError", "IGNORE_INDEX",
-    "REASONS", "TemplatePrefixError", "TokenizedDataset", "best_fit_decreasing", "build_dataset", "build_datasets",
+    "REASONS", "TEMPLATE_MODES", "TokenizedDataset", "best_fit_decreasing", "build_dataset", "build_datasets",
     "build_tiny_tokenizer", "collate", "encode_conversation", "make_batches", "render_sample", "summarize",
     "write_demo_chats",
 ]

@@ -22,7 +22,7 @@ from megalora.data.errors import Problem
 from megalora.data.pipeline import DataStats, Processed, RowSettings
 from megalora.data.readers import Row
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _ARRAYS = ("input_ids", "labels", "offsets", "source_index", "line")
 
 
@@ -34,7 +34,7 @@ def rows_fingerprint(rows: list[Row]) -> str:
     """Hash of every row's provenance and content."""
     h = _sha()
     for r in rows:
-        body = r.text if r.text is not None else json.dumps(r.obj, sort_keys=True, ensure_ascii=False, default=str)
+        body = r.text if r.text is not None else json.dumps([r.obj, r.error], sort_keys=True, ensure_ascii=False, default=str)
         h.update(f"{r.source}\0{r.line}\0".encode())
         h.update(body.encode("utf-8", "surrogatepass"))
         h.update(b"\1")

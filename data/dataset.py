@@ -17,7 +17,7 @@ from megalora.data.cache import cache_key, load_processed, save_processed
 from megalora.data.encode import EncodeSettings, check_tokenizer
 from megalora.data.errors import BAD_ROW_REASONS, REASONS, DataError, Problem
 from megalora.data.hub_datasets import DEFAULT_TIMEOUT_S
-from megalora.data.pipeline import DataStats, Processed, RowSettings, process_rows
+from megalora.data.pipeline import DataStats, Processed, RowSettings, masking_line, process_rows
 from megalora.data.readers import Row, read_datasets
 
 
@@ -51,10 +51,19 @@ class TokenizedDataset:
         return self.data.sources[int(self.data.source_index[i])], int(self.data.line[i])
 
 
+def template_kwargs(cfg_data) -> tuple:
+    """The chat template's keyword arguments from the config: `chat_template_kwargs`, and `enable_thinking` when set."""
+    kwargs = dict(cfg_data.chat_template_kwargs)
+    if cfg_data.enable_thinking is not None:
+        kwargs["enable_thinking"] = cfg_data.enable_thinking
+    return tuple(sorted(kwargs.items()))
+
+
 def row_settings(cfg_data) -> RowSettings:
     return RowSettings(
         encode=EncodeSettings(max_length=cfg_data.max_length, truncation_strategy=cfg_data.truncation_strategy,
-                              loss_on=cfg_data.loss_on),
+                              loss_on=cfg_data.loss_on, template_mode=cfg_data.template_mode,
+                              template_kwargs=template_kwargs(cfg_data)),
         model_name=tuple(cfg_data.model_name), model_author=tuple(cfg_data.model_author))
 
 
@@ -78,6 +87,7 @@ def _report(name: str, data: Processed, log: Callable[[str], None]) -> None:
     skipped = ", ".join(f"{r}={n}" for r, n in s.skipped.items()) or "none"
     log(f"data[{name}]: {s.rows_read} rows read, {s.kept} kept, skipped: {skipped}; truncated left={s.truncated_left} "
         f"right={s.truncated_right}; {s.num_tokens} tokens, {s.num_trained_tokens} trained")
+    log(f"data[{name}]: {masking_line(s)}")
     for reason in REASONS:
         first = next((p for p in data.problems if p.reason == reason), None)
         if first is not None:
@@ -119,6 +129,19 @@ def _tokenise(rows: list[Row], tokenizer, cfg_data, *, name: str, cache_dir, ran
     return TokenizedDataset(data, name=name, key=key)
 
 
+def dump_encoded(dataset: TokenizedDataset, path: str | Path) -> None:
+    """Every sample as one JSON line: input_ids, labels (aligned, -100 where untrained) and source `file:line`."""
+    import json
+
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(len(dataset)):
+            ids, labels = dataset[i]
+            source, line = dataset.provenance(i)
+            f.write(json.dumps({"input_ids": ids.tolist(), "labels": labels.tolist(), "source": f"{source}:{line}"}) + "\n")
+
+
 def _split(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
     num_val = max(1, int(round(len(rows) * ratio)))
     if num_val >= len(rows):
@@ -152,6 +175,9 @@ def build_datasets(cfg_data, tokenizer, *, cache_dir: str | Path | None, rank: i
     train = _tokenise(rows, tokenizer, cfg_data, name="train", **common)
     if len(train) == 0:
         raise ValueError(f"no training samples left: {train.stats.rows_read} rows read, skipped {train.stats.skipped}")
+    if cfg_data.dump_encoded and rank == 0:
+        dump_encoded(train, cfg_data.dump_encoded)
+        log(f"data[train]: wrote {len(train)} encoded samples to {cfg_data.dump_encoded}")
     val = _tokenise(val_rows, tokenizer, cfg_data, name="val", **common) if val_rows is not None else None
     return train, val
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 # Every reason a row can be skipped for, in report order. Validation reasons are bad rows
 # (strict mode stops at them); the last two are produced by tokenisation and never stop a run.
 REASONS = {
+    "not_utf8": "not UTF-8 text",
     "invalid_json": "not valid JSON (or not a JSON object)",
     "missing_messages": "no `messages` (nor alpaca `instruction`/`output`, sharegpt `conversations`, `query`/`response`)",
     "unknown_role": "unknown role",
@@ -17,6 +18,8 @@ REASONS = {
     "no_assistant_turn": "no assistant turn",
     "empty_conversation": "empty conversation",
     "template_error": "the chat template rejected the conversation",
+    "unmaskable_template": "the chat template's renderings do not locate the assistant's turn",
+    "row_error": "the row could not be read or tokenised",
     "too_long": "longer than max_length (truncation_strategy=delete)",
     "no_trained_tokens": "no trained tokens left (all assistant turns masked or truncated away)",
 }

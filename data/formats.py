@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from megalora.data.errors import RowProblem
+from megalora.data.errors import DataError, RowProblem
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "tool": "tool", "function_call": "assistant"}
@@ -134,7 +134,7 @@ def fill_placeholders(conv: dict, *, model_name: list[str], model_author: list[s
     for placeholder, key, spellings in (("{{NAME}}", "model_name", model_name), ("{{AUTHOR}}", "model_author", model_author)):
         if any(isinstance(c, str) and placeholder in c for c in contents):
             if not spellings:
-                raise ValueError(f"{where}: the data uses the self-cognition placeholder {placeholder}; "
+                raise DataError(f"{where}: the data uses the self-cognition placeholder {placeholder}; "
                                  f"set `{key}` (one or two spellings: Chinese, English)")
             values[placeholder] = spellings[index] if len(spellings) > 1 else spellings[0]
     filled = []

@@ -1,8 +1,10 @@
 """Row processing (parse, convert, validate, tokenise) over a pool of worker processes.
 
 Rows are cut into chunks processed in order (`imap`), so `dataset_num_proc=N` gives exactly
-the result of one process. Every row ends as kept or as skipped with one reason, so
-`kept + sum(skipped) == rows_read` always holds.
+the result of one process. Every row ends as kept (one or more samples) or as skipped with one
+reason, so `kept + sum(skipped) == rows_read` always holds: any exception while reading,
+validating or tokenising one row (a lone surrogate, JSON nested past the recursion limit, ...)
+is that row's problem (`row_error`), never the end of the build.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from megalora.data.encode import EncodeSettings, Encoded, TemplatePrefixError, encode_conversation, end_markers
+from megalora.data.encode import EncodedRow, EncodeSettings, TemplateInfo, encode_conversation, template_info
 from megalora.data.errors import BAD_ROW_REASONS, REASONS, DataError, Problem, RowProblem
 from megalora.data.formats import fill_placeholders, parse_json_line, to_conversation
 from megalora.data.readers import Row
@@ -37,6 +39,12 @@ class DataStats:
     truncated_right: int = 0
     num_tokens: int = 0
     num_trained_tokens: int = 0
+    template_mode: str = "auto"
+    num_samples: int = 0
+    rows_per_turn: int = 0  # rows encoded as one sample per trained turn
+    tokens_added: int = 0  # by those rows, over one sample each (their longest)
+    reasoning_dropped: int = 0  # rows with reasoning_content the template does not render in a trained turn
+    by_source: dict = field(default_factory=dict)  # source -> [rows kept, rows_per_turn, samples, tokens_added]
 
     def check(self) -> None:
         assert self.kept + sum(self.skipped.values()) == self.rows_read, self
@@ -49,9 +57,22 @@ class DataStats:
         return cls(**d)
 
 
+def masking_line(s: DataStats) -> str:
+    """How rows were masked: the strategy, rows expanded and tokens that cost, reasoning not rendered."""
+    line = (f"masking: template_mode={s.template_mode}; {s.kept - s.rows_per_turn} rows as one sample, "
+            f"{s.rows_per_turn} rows as one sample per trained turn ({s.num_samples} samples in all, "
+            f"+{s.tokens_added} tokens by expansion)")
+    if s.reasoning_dropped:
+        line += f"; {s.reasoning_dropped} rows have reasoning_content the chat template does not render (not trained)"
+    if len(s.by_source) > 1:
+        line += "".join(f"\n    {source}: {rows - per_turn} rows as one sample, {per_turn} per trained turn "
+                        f"({samples} samples, +{added} tokens)" for source, (rows, per_turn, samples, added) in s.by_source.items())
+    return line
+
+
 @dataclass
 class Processed:
-    """Tokenised rows, flat: sample i is `input_ids[offsets[i]:offsets[i+1]]`."""
+    """Tokenised samples (one or more per kept row), flat: sample i is `input_ids[offsets[i]:offsets[i+1]]`."""
     input_ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
@@ -62,39 +83,39 @@ class Processed:
     problems: list[Problem]  # in row order, at most MAX_PROBLEMS_PER_REASON per reason
 
 
-def process_row(row: Row, tokenizer, settings: RowSettings, *, markers: tuple[str, ...]) -> Encoded | Problem:
-    """One row to tokens and labels, or the Problem that drops it."""
+def process_row(row: Row, tokenizer, settings: RowSettings, *, info: TemplateInfo) -> EncodedRow | Problem:
+    """One row to samples (tokens and labels), or the Problem that drops it."""
     import jinja2
 
     where = f"{row.source}:{row.line}"
     try:
+        if row.error is not None:
+            raise RowProblem("not_utf8", "", row.error)
         obj = row.obj if row.obj is not None else parse_json_line(row.text)
         conv = to_conversation(obj)
         conv = fill_placeholders(conv, model_name=list(settings.model_name), model_author=list(settings.model_author), where=where)
         conv = validate_conversation(conv)
         try:
-            return encode_conversation(tokenizer, conv, settings.encode, markers=markers)
+            return encode_conversation(tokenizer, conv, settings.encode, info=info)
         except jinja2.TemplateError as e:
             raise RowProblem("template_error", "messages", str(e)) from None
     except RowProblem as p:
         return Problem(row.source, row.line, p.field, p.reason, p.detail)
-    except TemplatePrefixError as e:
-        raise TemplatePrefixError(f"{where}: {e}") from None
-    except ValueError as e:
-        if isinstance(e, DataError):
-            raise
-        raise ValueError(f"{where}: {e}") from e
+    except DataError:
+        raise  # a config mistake (an unset placeholder key): every row would fail alike
+    except Exception as e:  # noqa: BLE001 - one row's failure of any kind is that row's problem
+        return Problem(row.source, row.line, "", "row_error", f"{type(e).__name__}: {str(e)[:300]}")
 
 
 _WORKER: dict = {}
 
 
 def _init_worker(tokenizer, settings: RowSettings) -> None:
-    _WORKER.update(tokenizer=tokenizer, settings=settings, markers=end_markers(tokenizer))
+    _WORKER.update(tokenizer=tokenizer, settings=settings, info=template_info(tokenizer, settings.encode))
 
 
-def _process_chunk(rows: list[Row]) -> list[Encoded | Problem]:
-    return [process_row(r, _WORKER["tokenizer"], _WORKER["settings"], markers=_WORKER["markers"]) for r in rows]
+def _process_chunk(rows: list[Row]) -> list[EncodedRow | Problem]:
+    return [process_row(r, _WORKER["tokenizer"], _WORKER["settings"], info=_WORKER["info"]) for r in rows]
 
 
 def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, progress: bool):
@@ -106,10 +127,10 @@ def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, p
     chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
     try:
         if num_proc == 1:
-            markers = end_markers(tokenizer)  # no module state here: builds in threads stay independent
+            info = template_info(tokenizer, settings.encode)  # no module state here: builds in threads stay independent
             for c in chunks:
                 bar.update(len(c))
-                yield from (process_row(r, tokenizer, settings, markers=markers) for r in c)
+                yield from (process_row(r, tokenizer, settings, info=info) for r in c)
             return
         methods = multiprocessing.get_all_start_methods()
         # fork shares the loaded tokenizer at no cost; spawn (where fork is missing) pickles it.
@@ -125,9 +146,9 @@ def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, p
 class _Collector:
     """Accumulates processed rows in row order."""
 
-    def __init__(self, num_rows: int, *, strict: bool):
+    def __init__(self, num_rows: int, *, strict: bool, template_mode: str):
         self.strict = strict
-        self.stats = DataStats(rows_read=num_rows)
+        self.stats = DataStats(rows_read=num_rows, template_mode=template_mode)
         self.sources: dict[str, int] = {}
         self.ids: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
@@ -135,7 +156,7 @@ class _Collector:
         self.lines: list[int] = []
         self.problems: list[Problem] = []
 
-    def add(self, row: Row, out: Encoded | Problem) -> None:
+    def add(self, row: Row, out: EncodedRow | Problem) -> None:
         stats = self.stats
         if isinstance(out, Problem):
             if self.strict and out.reason in BAD_ROW_REASONS:
@@ -145,14 +166,27 @@ class _Collector:
                 self.problems.append(out)
             return
         stats.kept += 1
-        stats.num_tokens += len(out.input_ids)
-        stats.num_trained_tokens += int((out.labels != -100).sum())
-        stats.truncated_left += out.truncated == "left"
-        stats.truncated_right += out.truncated == "right"
-        self.ids.append(out.input_ids)
-        self.labels.append(out.labels)
-        self.src.append(self.sources.setdefault(row.source, len(self.sources)))
-        self.lines.append(row.line)
+        stats.reasoning_dropped += out.reasoning_dropped
+        counts = stats.by_source.setdefault(row.source, [0, 0, 0, 0])
+        counts[0] += 1
+        counts[2] += len(out.samples)
+        if out.strategy == "per_turn":
+            lengths = [len(s.input_ids) for s in out.samples]
+            stats.rows_per_turn += 1
+            stats.tokens_added += sum(lengths) - max(lengths)
+            counts[1] += 1
+            counts[3] += sum(lengths) - max(lengths)
+        source = self.sources.setdefault(row.source, len(self.sources))
+        for sample in out.samples:
+            stats.num_samples += 1
+            stats.num_tokens += len(sample.input_ids)
+            stats.num_trained_tokens += int((sample.labels != -100).sum())
+            stats.truncated_left += sample.truncated == "left"
+            stats.truncated_right += sample.truncated == "right"
+            self.ids.append(sample.input_ids)
+            self.labels.append(sample.labels)
+            self.src.append(source)
+            self.lines.append(row.line)
 
     def result(self) -> Processed:
         stats = self.stats
@@ -170,7 +204,7 @@ class _Collector:
 def process_rows(rows: list[Row], tokenizer, settings: RowSettings, *, num_proc: int = 1, strict: bool = True,
                  progress: bool = False) -> Processed:
     """Process every row; strict mode raises DataError at the first bad row (in row order)."""
-    collector = _Collector(len(rows), strict=strict)
+    collector = _Collector(len(rows), strict=strict, template_mode=settings.encode.template_mode)
     results = _results(rows, tokenizer, settings, num_proc, progress)
     try:
         for row, out in zip(rows, results):

@@ -22,11 +22,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class Row:
-    """One input row: `text` for a JSONL line (parsed later), `obj` for a row of a `datasets` table."""
+    """One input row: `text` for a JSONL line (parsed later), `obj` for a row of a `datasets` table,
+    `error` for a line that could not even be decoded (reported where rows are processed)."""
     source: str
     line: int
     text: str | None = None
     obj: dict | None = None
+    error: str | None = None
 
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
@@ -46,7 +48,8 @@ def read_jsonl(path: Path) -> list[Row]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                rows.append(Row(str(path), number, error=f"{e.reason} at byte {e.start}"))
+                continue
             if text.strip():
                 rows.append(Row(str(path), number, text=text))
     return rows

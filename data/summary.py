@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from megalora.data.errors import REASONS
+from megalora.data.pipeline import masking_line
 from megalora.data.pack import best_fit_decreasing, packing_efficiency
 
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
@@ -35,6 +36,7 @@ def summarize(dataset, *, tokenizer=None, max_length: int | None = None, packing
         if example is not None:
             lines.append(f"           e.g. {example.message}")
     lines.append(f"  truncated: {s.truncated_left} left, {s.truncated_right} right")
+    lines.append(f"  {masking_line(s)}")
     lengths = dataset.lengths
     if len(lengths):
         lines.append(f"  tokens: {s.num_tokens} ({s.num_trained_tokens} trained, "

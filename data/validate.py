@@ -1,8 +1,10 @@
 """Validation of one conversation: the first problem found raises `RowProblem` naming the field.
 
 A valid conversation comes back normalised: every content a string, every tool call in the
-form `{"type": "function", "function": {"name": str, "arguments": dict}}` (arguments given as
-a JSON string are parsed, as chat templates iterate over them), `tools` a list or None.
+form `{"type": "function", "function": {"name": str, "arguments": dict | str}}` (arguments given
+as a JSON string are checked to parse to an object and kept as written: templates that print
+strings print the user's text; encode.py parses them for templates that iterate over them),
+`tools` a list or None.
 """
 from __future__ import annotations
 
@@ -26,14 +28,15 @@ def _tool_call(call, field: str) -> dict:
     arguments = fn.get("arguments")
     if arguments is None:
         arguments = {}
+    parsed = arguments
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            parsed = json.loads(arguments) if arguments.strip() else {}
         except json.JSONDecodeError as e:
             raise RowProblem("malformed_tool_calls", f"{field}.function.arguments", f"not valid JSON: {e.msg}") from None
-    if not isinstance(arguments, dict):
+    if not isinstance(parsed, dict):
         raise RowProblem("malformed_tool_calls", f"{field}.function.arguments",
-                         f"expected an object of named arguments, got {type(arguments).__name__}")
+                         f"expected an object of named arguments, got {type(parsed).__name__}")
     return {"type": "function", "function": {"name": name, "arguments": arguments}}
 
 

@@ -48,6 +48,16 @@ class DataSection:
     packing: bool = _f(False, "Pack samples into sequences of max_length; attention never crosses samples.")
     strict: bool = _f(True, "Stop at the first bad data row (true) or skip bad rows and report counts per reason (false).")
     loss_on: str = _f("all_assistant", "Which assistant turns are trained.", choices=("all_assistant", "last_turn"))
+    template_mode: str = _f("auto", "How trained turns are masked: auto (one sample per conversation where the chat template renders "
+                            "earlier turns as they appear later, else one sample per trained turn: exact for every template), "
+                            "per_turn (always one sample per trained turn, with only that turn trained), incremental (one sample "
+                            "per conversation; rows the template rewrites are skipped as unmaskable_template).",
+                            choices=("auto", "per_turn", "incremental"))
+    enable_thinking: Optional[bool] = _f(None, "Chat-template switch of Qwen3 hybrid models (false: empty think block in the "
+                                         "generation prompt); unset: the template's default.")
+    chat_template_kwargs: dict = _f({}, "Other keyword arguments for the chat template, e.g. '{\"add_vision_id\": true}'.")
+    dump_encoded: Optional[str] = _f(None, "Write every encoded training sample to this JSONL file (input_ids, labels "
+                                     "aligned with -100 where untrained, source file:line); written by --dry-run and by training.")
     model_name: list = _f([], "Self-cognition placeholder: the model's name (one or two spellings: Chinese, English).")
     model_author: list = _f([], "Self-cognition placeholder: the model's author (one or two spellings).")
     load_from_cache_file: bool = _f(True, "Reuse tokenised data cached from an earlier run with the same inputs.")
@@ -164,6 +174,8 @@ NOT_APPLICABLE = {
     "load_safetensors": "weights are always read straight from the HF safetensors",
     "use_mcore_models": "megatron-core models are always used",
     "no_save_rng_state": "alias of no_save_rng",
+    "template": "the model's own chat template (its tokenizer files) is always used; options go in enable_thinking / chat_template_kwargs",
+    "template_backend": "the model's own jinja chat template is always rendered",
 }
 # Flags that select a GPU fusion or kernel. Accepted; whether they apply is reported at
 # start-up by the model builder (on CPU none of them is available).
@@ -256,6 +268,14 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: `{key}` expects a number, got {value!r}") from None
+    if tp is dict:
+        try:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError:
+            pass  # reported below as not a mapping
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: `{key}` expects a mapping such as '{{\"name\": value}}', got {value!r}")
+        return value
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: `{key}` expects a string, got {value!r}")

@@ -1,10 +1,12 @@
 """Label masks: trained tokens are exactly what the assistant produces, checked against hand-written renderings."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from megalora.data.encode import IGNORE_INDEX, EncodeSettings, TemplatePrefixError, encode_conversation
+from megalora.data.encode import IGNORE_INDEX, EncodeSettings, encode_conversation
 from megalora.data.errors import RowProblem
 from megalora.data.tiny_tokenizer import build_tiny_tokenizer
 from megalora.data.validate import validate_conversation
@@ -40,16 +42,22 @@ def _trained_runs(tok, ids, labels) -> list[str]:
 def _encode(tok, messages, tools=None, **kw):
     settings = EncodeSettings(max_length=kw.pop("max_length", 4096), **kw)
     conv = validate_conversation({"messages": messages, "tools": tools})
-    return encode_conversation(tok, conv, settings)
+    row = encode_conversation(tok, conv, settings)
+    assert row.strategy == "incremental" and len(row.samples) == 1  # this template is prefix-stable
+    return row.samples[0]
 
 
 def _check(tok, messages, expected, tools=None, **kw):
     enc = _encode(tok, messages, tools, **kw)
-    clean = validate_conversation({"messages": messages})["messages"]  # tool-call arguments parsed to objects
+    clean = validate_conversation({"messages": messages})["messages"]
+    for m in clean:  # this template iterates over arguments: JSON strings are given to it as objects
+        for c in m.get("tool_calls", []):
+            if isinstance(c["function"]["arguments"], str):
+                c["function"]["arguments"] = json.loads(c["function"]["arguments"])
     full = tok.apply_chat_template([{k: v for k, v in m.items() if k != "loss"} for m in clean], tools=tools,
                                    tokenize=False)
-    # The ids are the tokenisation of the whole rendering, not a concatenation of pieces.
-    assert enc.input_ids.tolist() == tok(full, add_special_tokens=False)["input_ids"]
+    # The ids spell the whole rendering.
+    assert tok.decode(enc.input_ids.tolist()) == full
     runs = _trained_runs(tok, enc.input_ids, enc.labels)
     assert runs == expected
     # Each trained span sits in the rendering right after an assistant header, in order.
@@ -138,17 +146,25 @@ def test_truncation(tok):
     assert e.value.reason == "no_trained_tokens"
 
 
-def test_template_that_rewrites_history_is_refused(tok):
-    # A template that drops earlier assistant turns (as reasoning templates do) cannot be masked by prefixes.
+def test_template_that_rewrites_history(tok):
+    # A template that drops earlier assistant turns cannot be masked by prefixes: refused by
+    # template_mode=incremental, one sample per trained turn otherwise.
     rewriting = ("{%- for m in messages -%}{%- if m.role != 'assistant' or loop.last -%}"
                  "{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' -}}{%- endif -%}{%- endfor -%}"
                  "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
     original = tok.chat_template
     tok.chat_template = rewriting
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    conv = validate_conversation({"messages": messages})
     try:
-        with pytest.raises(TemplatePrefixError, match="messages\\[:1\\] with the generation prompt"):
-            _encode(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}])
+        with pytest.raises(RowProblem, match="messages\\[:1\\] with the generation prompt") as e:
+            encode_conversation(tok, conv, EncodeSettings(max_length=512, template_mode="incremental"))
+        assert e.value.reason == "unmaskable_template"
+        row = encode_conversation(tok, conv, EncodeSettings(max_length=512))
+        assert row.strategy == "per_turn"
+        assert [_trained_runs(tok, s.input_ids, s.labels) for s in row.samples] == [["b" + END], ["d" + END]]
+        assert tok.decode(row.samples[1].input_ids.tolist()) == tok.apply_chat_template(messages, tokenize=False)
     finally:
         tok.chat_template = original
 

@@ -140,5 +140,5 @@ def test_normalised_messages_keep_extra_keys_and_drop_empty_ones():
     assert conv["messages"] == [
         {"role": "user", "content": "q", "name": "bob"},
         {"role": "assistant", "content": "", "reasoning_content": "think",
-         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]}]
+         "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}]  # kept as written
     assert conv["tools"] is None
