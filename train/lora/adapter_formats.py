@@ -215,3 +215,32 @@ def write_adapter(checkpoint_dir: str | Path, out_dir: str | Path, *, adapter_fo
     for line in server_checks(tensors, config, hf_spec=spec):
         log(f"export: {line}")
     return out
+
+
+def peft_readable(adapter_dir: str | Path, *, hf_spec: HFModelSpec, work_dir: str | Path) -> Path:
+    """`adapter_dir` itself when peft (on transformers 5) reads it as written; otherwise the same
+    adapter converted to peft's form in `work_dir`. On Qwen3-MoE / Qwen3-Next peft turns the MLP leaf
+    names of `target_modules` (gate_proj, up_proj, down_proj, gate) into the fused expert parameters,
+    so a `vllm` / `sglang` adapter would lose its shared-expert, dense-MLP and router adapters there."""
+    import json
+
+    from safetensors import safe_open
+
+    from megalora.train.lora.options import LoraOptions
+    from megalora.train.lora.peft_format import _PEFT_RENAMES_MLP, ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_to_megatron
+
+    folder = Path(adapter_dir)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as handle:
+        keys = list(handle.keys())
+    if hf_spec.model_type not in _PEFT_RENAMES_MLP or config.get("target_parameters") or \
+            not any(".mlp." in k for k in keys):
+        return folder
+    from safetensors.torch import load_file
+
+    options = LoraOptions(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                          use_rslora=bool(config.get("use_rslora", False)))
+    full = peft_to_megatron(load_file(str(folder / ADAPTER_WEIGHTS)), config, hf_spec=hf_spec)
+    tensors, peft_config = megatron_to_peft(full, hf_spec=hf_spec, lora_options=options,
+                                            base_model_name_or_path=str(config.get("base_model_name_or_path", "")))
+    return save_adapter(tensors, peft_config, work_dir)
