@@ -228,9 +228,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
     compares it with the unmerged model (see the module docstring) and raises
     `ExportVerifyError` beyond tolerance, before any push. `mode="adapter"` writes the LoRA
     adapter in `adapter_format` ("vllm", "sglang" or "peft"; see `train.lora.adapter_formats`)
-    and logs, per server, whether its constraints hold. `push_to_hub` ("owner/name") uploads the folder to `hub` ("modelscope" or
-    "huggingface"; `hub_endpoint` overrides the hub's address). Call it on every rank of
-    a torch.distributed world, or in one process."""
+    and logs, per server, whether its constraints hold. `push_to_hub` ("owner/name") uploads
+    the folder to `hub` ("modelscope" or "huggingface"; `hub_endpoint` overrides the hub's
+    address). Call it on every rank of a torch.distributed world, or in one process."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     from megalora.train.lora.adapter_formats import FORMATS

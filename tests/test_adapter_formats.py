@@ -33,7 +33,8 @@ UNSERVABLE = {
     ("qwen3_next", "sglang"): (r"\.mlp\.gate$", r"\.mlp\.router\.lora\.lora_B$"),
     ("qwen3_moe", "sglang"): (r"\.mlp\.gate$", r"\.mlp\.router\.lora\.lora_B$"),
 }
-REFUSAL = {r"^lm_head$": r"LoRA on lm_head is not zero", r"\.mlp\.gate$": r"LoRA on model\.layers\.\d+\.mlp\.gate is not zero"}
+REFUSAL = {r"^lm_head$": r"LoRA on lm_head is not zero",
+           r"\.mlp\.gate$": r"LoRA on model\.layers\.\d+\.mlp\.gate is not zero"}
 
 
 def base_weights(hf_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -194,8 +195,8 @@ def test_per_projection_adapters_export_at_rank_r(case, tmp_path) -> None:
         tensors = load_file(str(out / "adapter_model.safetensors"))
         config = json.loads((out / "adapter_config.json").read_text())
         fused_experts = re.compile(r"\.experts(\.base_layer)?\.lora_A\.weight$")
-        assert {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A.weight") and not fused_experts.search(k)} \
-            == {RANK}
+        ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A.weight") and not fused_experts.search(k)}
+        assert ranks == {RANK}
         assert config["r"] == RANK and not config["rank_pattern"]
         result = compare_logits(reimported_logits(hf_dir, out), logits, tolerance=TOL)
         assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, (fmt, result.summary_line())

@@ -222,6 +222,8 @@ def test_cli_errors_name_the_flag_or_file(tmp_path: Path, capsys: pytest.Capture
         ([str(ckpt), "--out", str(tmp_path / "o3"), "--verify", "maybe"], "--verify"),
         ([str(ckpt), "--out", str(tmp_path / "o4"), "--merge", "--adapter"], "--adapter"),
         ([str(ckpt), "--out", str(tmp_path / "o5"), "--hub", "github"], "--hub"),
+        ([str(ckpt), "--out", str(tmp_path / "o7"), "--adapter_format", "sglang"], "--adapter_format applies only"),
+        ([str(ckpt), "--out", str(tmp_path / "o8"), "--adapter", "--adapter_format", "tgi"], "--adapter_format"),
         ([str(ckpt)], "--out"),
         ([str(ckpt), "--out", str(tmp_path / "base")], "not an empty folder"),
     ]

@@ -31,6 +31,7 @@ and no Qwen3-Next at all).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -49,7 +50,7 @@ from megalora.train.model.hf_config import HFModelSpec
 
 FORMATS = ("vllm", "sglang", "peft")
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+_FUSED_EXPERTS = re.compile(r"\.experts(\.base_layer)?\.lora_[AB]\.weight$")
 # HF leaf names vLLM's model classes take LoRA on (linear layers, packed modules unpacked, embedding
 # modules); routed experts come as `experts.{e}.{gate,up,down}_proj`.
 _VLLM_LEAVES = {
@@ -116,14 +117,12 @@ def megatron_to_serving(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec
                                             base_model_name_or_path=base_model_name_or_path)
     if adapter_format == "peft":
         return peft_tensors, config
-    adapters: dict[str, tuple[Tensor, Tensor]] = {}
-    for key, value in peft_tensors.items():
-        stem = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
-        if stem.endswith((".experts", ".experts.base_layer")):
-            continue  # fused expert parameters: written per expert below
-        a_or_b = 0 if key.endswith(".lora_A.weight") else 1
-        pair = adapters.setdefault(stem, [None, None])  # type: ignore[arg-type]
-        pair[a_or_b] = value
+    # every non-expert peft key is already a 2D module adapter; fused expert parameters are
+    # rewritten per expert
+    adapters = {key[len(PEFT_PREFIX): -len(".lora_A.weight")]:
+                (value, peft_tensors[key.replace(".lora_A.", ".lora_B.")])
+                for key, value in peft_tensors.items()
+                if key.endswith(".lora_A.weight") and not _FUSED_EXPERTS.search(key)}
     adapters.update(_expert_adapters(full_lora, hf_spec))
     kept: dict[str, tuple[Tensor, Tensor]] = {}
     for hf_module, (a, b) in sorted(adapters.items()):
@@ -159,7 +158,7 @@ def megatron_to_serving(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec
 def server_checks(tensors: Mapping[str, Tensor], config: Mapping[str, Any], *, hf_spec: HFModelSpec) -> list[str]:
     """One line per server: whether the adapter (`tensors`, `config`) meets its known constraints."""
     stems = sorted({k[len(PEFT_PREFIX):].rsplit(".", 2)[0] for k in tensors})
-    fused_experts = [s for s in stems if s.endswith((".experts", ".experts.base_layer"))]
+    fused_experts = sorted({k[len(PEFT_PREFIX): -len(".lora_A.weight")] for k in tensors if _FUSED_EXPERTS.search(k)})
     ranks = {k[len(PEFT_PREFIX): -len(".lora_A.weight")]: v.shape[0] for k, v in tensors.items()
              if k.endswith(".lora_A.weight")}
     num_experts = hf_spec.num_experts or 1

@@ -6,6 +6,8 @@ onto the transformers model, exactly (same logits):
 - a fused megatron adapter (linear_qkv, GDN in_proj, gated linear_fc1) becomes one adapter per HF
   projection, each with the same A and the matching rows of B (the row split is the mapping
   table's own `to_hf`; B's rows are the output dim, exactly like the base weight's);
+- a per-projection adapter (`lora_per_projection`: rank k*r over k projections, B block-diagonal)
+  gives each projection its own rank-r block instead (`per_projection_blocks`, exact);
 - row-parallel targets (linear_proj/o_proj, linear_fc2/down_proj, GDN out_proj) map 1:1: their
   mapping rules do not permute the input dim, so A and B are copied as they are;
 - routed experts use peft's fused-parameter form on transformers' `mlp.experts.gate_up_proj`
@@ -37,6 +39,8 @@ and TP machinery reads (`tensor_model_parallel`, `partition_dim`, `sequence_para
 `lora_tp_allreduce`, `allreduce`, `lora_expert`). The module keeps its `scaling`; B absorbs the
 difference. Optimizers and DDP wrappers must be built after loading. Adapters made on
 transformers 4 (one adapter per routed expert, `mlp.experts.E.gate_proj`) import as well.
+
+The serving layouts (vLLM, SGLang) are built on this one in `adapter_formats`.
 
 Entry points: `write_peft_adapter(checkpoint_dir, out_dir)` (export), `megatron_to_peft` (pure),
 `load_peft_adapter(model, dir, hf_spec=)` (model already wrapped by `apply_lora`),
@@ -217,7 +221,8 @@ def per_projection_blocks(a: Tensor, pieces: tuple[Tensor, ...], *, rank: int) -
     k = len(pieces)
     if k > 1 and a.shape[0] == k * rank:
         blocks = [(a[i * rank:(i + 1) * rank], piece[:, i * rank:(i + 1) * rank]) for i, piece in enumerate(pieces)]
-        outside = [torch.cat([piece[:, : i * rank], piece[:, (i + 1) * rank:]], dim=1) for i, piece in enumerate(pieces)]
+        outside = [torch.cat([piece[:, : i * rank], piece[:, (i + 1) * rank:]], dim=1)
+                   for i, piece in enumerate(pieces)]
         if not any(bool(rest.any()) for rest in outside):
             return blocks
     return [(a, piece) for piece in pieces]
