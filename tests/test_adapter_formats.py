@@ -202,6 +202,27 @@ def test_per_projection_adapters_export_at_rank_r(case, tmp_path) -> None:
         assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, (fmt, result.summary_line())
 
 
+def test_wider_module_pads_every_module_to_one_rank(case, tmp_path) -> None:
+    """A fused module of larger rank (as after importing an adapter of uneven ranks) makes the serving
+    formats write every module at that rank (zero-padded, no patterns), with the same logits."""
+    full = dict(case["full"])
+    name = next(n for n in full if n.endswith("linear_qkv.lora_A"))
+    full[name] = torch.cat([full[name], full[name]])
+    full[name[:-1] + "B"] = torch.cat([full[name[:-1] + "B"]] * 2, dim=1) / 2  # same delta at twice the rank
+    full["output_layer.lora_B"] = torch.zeros_like(full["output_layer.lora_B"])
+    ckpt = save_checkpoint(tmp_path / "checkpoint", full, case["hf_dir"], case["lora"])
+    out = write_adapter(ckpt, tmp_path / "vllm", adapter_format="vllm", log=lambda *_: None)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 2 * RANK and not config["rank_pattern"]
+    assert {v.shape[0] for k, v in tensors.items() if k.endswith("lora_A.weight")} == {2 * RANK}
+    result = compare_logits(reimported_logits(case["hf_dir"], out),
+                            model_logits(case["hf_dir"], {**full, name: case["full"][name],
+                                                          name[:-1] + "B": case["full"][name[:-1] + "B"]},
+                                         rslora=case["rslora"]), tolerance=TOL)
+    assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
+
+
 # ---------------------------------------------------------------------------------------------
 # vLLM's LoRA loading rules (vllm/lora/utils.py, lora_model.py, worker_manager.py, config/lora.py and
 # the Qwen3MoeForCausalLM / Qwen3NextForCausalLM classes), restated here, not imported.
