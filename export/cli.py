@@ -1,5 +1,6 @@
-"""`megalora export CHECKPOINT --out DIR`: merged HF safetensors (or a PEFT adapter) from a
-training checkpoint, verified against the unmerged model, optionally pushed to a hub.
+"""`megalora export CHECKPOINT --out DIR`: merged HF safetensors (or a LoRA adapter for vLLM,
+SGLang or peft) from a training checkpoint, verified against the unmerged model, optionally
+pushed to a hub.
 
 Runs as one process or under `torchrun --nproc_per_node N -m megalora export ...` (the
 decoder layers are then split over the ranks). Exit codes: 0 done, 1 verify FAIL (the
@@ -35,8 +36,11 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--merge", dest="mode", action="store_const", const="merge",
                       help="merge LoRA into the base weights (default)")
     mode.add_argument("--adapter", dest="mode", action="store_const", const="adapter",
-                      help="write a PEFT adapter instead")
+                      help="write a LoRA adapter instead (layout: --adapter_format)")
     p.set_defaults(mode="merge")
+    p.add_argument("--adapter_format", choices=("vllm", "sglang", "peft"), default=None,
+                   help="with --adapter: vllm (default; 2D per-expert keys, one rank, loads in vLLM as is), "
+                        "sglang (vllm without the router), peft (transformers 5 + peft's fused expert parameters)")
     p.add_argument("--max_shard_size", type=_size, default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--verify", type=bool_flag, default=True,
                    help="compare the merged model with the unmerged one (default true; holds the model twice in fp32)")
@@ -57,6 +61,9 @@ def cmd_export(argv: list[str]) -> int:
         args = parser().parse_args(argv)
     except SystemExit as exit_:  # argparse already printed usage and the flag at fault
         return int(exit_.code or 0)
+    if args.adapter_format is not None and args.mode != "adapter":
+        print("megalora export: error: --adapter_format applies only with --adapter", file=sys.stderr)
+        return 2
     if args.verify_layers is not None and args.verify_layers < 1:
         print(f"megalora export: error: --verify_layers must be >= 1, got {args.verify_layers}", file=sys.stderr)
         return 2
@@ -73,7 +80,8 @@ def cmd_export(argv: list[str]) -> int:
         export_checkpoint(args.checkpoint, args.out, mode=args.mode, max_shard_size=args.max_shard_size,
                           verify=args.verify, verify_num_layers=args.verify_layers, push_to_hub=args.push_to_hub,
                           hub=args.hub, token=args.hub_token, private=args.private,
-                          commit_message=args.commit_message, hub_endpoint=args.hub_endpoint)
+                          commit_message=args.commit_message, hub_endpoint=args.hub_endpoint,
+                          adapter_format=args.adapter_format or "vllm")
     except ExportVerifyError as err:
         print(f"megalora export: {err}", file=sys.stderr)
         return 1

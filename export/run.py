@@ -34,7 +34,6 @@ bases the merged weights are rounded to the base dtype, so the bound is 2e-2 (bf
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -220,18 +219,24 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
                       max_shard_size: str | int = "5GB", verify: bool = True, verify_num_layers: int | None = None,
                       push_to_hub: str | None = None, hub: str = "modelscope", token: str | None = None,
                       private: bool = True, commit_message: str = DEFAULT_COMMIT_MESSAGE,
-                      hub_endpoint: str | None = None, log: Callable[[str], None] = print) -> Path:
+                      hub_endpoint: str | None = None, adapter_format: str = "vllm",
+                      log: Callable[[str], None] = print) -> Path:
     """Export `checkpoint_dir` (a `checkpoint-<step>/` folder) to `out_dir`; returns `out_dir`.
 
     `mode="merge"` writes the base model with LoRA merged as HF safetensors shards of at
     most `max_shard_size`, plus config, generation config and tokenizer files; `verify`
     compares it with the unmerged model (see the module docstring) and raises
-    `ExportVerifyError` beyond tolerance, before any push. `mode="adapter"` writes a PEFT
-    adapter. `push_to_hub` ("owner/name") uploads the folder to `hub` ("modelscope" or
-    "huggingface"; `hub_endpoint` overrides the hub's address). Call it on every rank of
-    a torch.distributed world, or in one process."""
+    `ExportVerifyError` beyond tolerance, before any push. `mode="adapter"` writes the LoRA
+    adapter in `adapter_format` ("vllm", "sglang" or "peft"; see `train.lora.adapter_formats`)
+    and logs, per server, whether its constraints hold. `push_to_hub` ("owner/name") uploads
+    the folder to `hub` ("modelscope" or "huggingface"; `hub_endpoint` overrides the hub's
+    address). Call it on every rank of a torch.distributed world, or in one process."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    from megalora.train.lora.adapter_formats import FORMATS
+
+    if adapter_format not in FORMATS:
+        raise ValueError(f"--adapter_format: expected one of {FORMATS}, got {adapter_format!r}")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     meta = read_meta(ckpt)
     rank, world = _world()
@@ -242,7 +247,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
     _barrier()
     if mode == "adapter":
         if rank == 0:
-            _write_adapter(ckpt, out)
+            _write_adapter(ckpt, out, adapter_format=adapter_format, log=log)
     else:
         _export_merged(ckpt, out, meta, max_shard_size=max_shard_size, log=log)
         if verify:
@@ -257,12 +262,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
     return out
 
 
-def _write_adapter(ckpt: Path, out: Path) -> None:
-    if importlib.util.find_spec("megalora.train.lora.peft_format") is None:
-        raise ValueError("adapter export (--adapter, PEFT format) is unavailable in this build; use --merge")
-    from megalora.train.lora import peft_format  # type: ignore[attr-defined]
+def _write_adapter(ckpt: Path, out: Path, *, adapter_format: str, log: Callable[[str], None]) -> None:
+    from megalora.train.lora.adapter_formats import write_adapter
 
-    peft_format.write_peft_adapter(ckpt, out)
+    write_adapter(ckpt, out, adapter_format=adapter_format, log=log)
 
 
 def _export_merged(ckpt: Path, out: Path, meta: dict, *, max_shard_size: str | int,

@@ -222,6 +222,8 @@ def test_cli_errors_name_the_flag_or_file(tmp_path: Path, capsys: pytest.Capture
         ([str(ckpt), "--out", str(tmp_path / "o3"), "--verify", "maybe"], "--verify"),
         ([str(ckpt), "--out", str(tmp_path / "o4"), "--merge", "--adapter"], "--adapter"),
         ([str(ckpt), "--out", str(tmp_path / "o5"), "--hub", "github"], "--hub"),
+        ([str(ckpt), "--out", str(tmp_path / "o7"), "--adapter_format", "sglang"], "--adapter_format applies only"),
+        ([str(ckpt), "--out", str(tmp_path / "o8"), "--adapter", "--adapter_format", "tgi"], "--adapter_format"),
         ([str(ckpt)], "--out"),
         ([str(ckpt), "--out", str(tmp_path / "base")], "not an empty folder"),
     ]
@@ -255,26 +257,18 @@ def test_unknown_lora_tensor_is_refused() -> None:
         plan_units(rules_for(spec), catalog, {"output_layer.lora_A", "output_layer.lora_B"}, base_dir=base)
 
 
-def test_adapter_mode_dispatches_or_says_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-    import types
-
-    import megalora.export.run as run
+def test_adapter_mode_dispatches_with_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import megalora.train.lora.adapter_formats as formats
 
     ckpt = _dense_checkpoint(tmp_path)
-    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="adapter export .* unavailable"):
-        export_checkpoint(ckpt, tmp_path / "a1", mode="adapter")
+    with pytest.raises(ValueError, match="--adapter_format: expected one of"):
+        export_checkpoint(ckpt, tmp_path / "a1", mode="adapter", adapter_format="tgi")
     calls = []
-    fake = types.ModuleType("megalora.train.lora.peft_format")
-    fake.write_peft_adapter = lambda c, o: calls.append((Path(c), Path(o)))
-    monkeypatch.setitem(sys.modules, "megalora.train.lora.peft_format", fake)
-    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name: object())
-    import megalora.train.lora as lora_pkg
-
-    monkeypatch.setattr(lora_pkg, "peft_format", fake, raising=False)
+    monkeypatch.setattr(formats, "write_adapter",
+                        lambda c, o, *, adapter_format, log: calls.append((Path(c), Path(o), adapter_format)))
     export_checkpoint(ckpt, tmp_path / "a2", mode="adapter")
-    assert calls == [(ckpt, tmp_path / "a2")]
+    export_checkpoint(ckpt, tmp_path / "a3", mode="adapter", adapter_format="sglang")
+    assert calls == [(ckpt, tmp_path / "a2", "vllm"), (ckpt, tmp_path / "a3", "sglang")]
 
 
 def _closed_port_url() -> str:

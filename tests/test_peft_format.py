@@ -258,7 +258,8 @@ def test_export_command_adapter_mode_writes_this_adapter(case, tmp_path) -> None
     """`megalora export --adapter` (export_checkpoint mode="adapter") writes exactly our files."""
     from megalora.export.run import export_checkpoint
 
-    out = export_checkpoint(case["checkpoint"], tmp_path / "out", mode="adapter", log=lambda *_: None)
+    out = export_checkpoint(case["checkpoint"], tmp_path / "out", mode="adapter", adapter_format="peft",
+                            log=lambda *_: None)
     ours, theirs = load_file(str(case["exported"] / "adapter_model.safetensors")), \
         load_file(str(out / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

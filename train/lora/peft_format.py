@@ -6,6 +6,8 @@ onto the transformers model, exactly (same logits):
 - a fused megatron adapter (linear_qkv, GDN in_proj, gated linear_fc1) becomes one adapter per HF
   projection, each with the same A and the matching rows of B (the row split is the mapping
   table's own `to_hf`; B's rows are the output dim, exactly like the base weight's);
+- a per-projection adapter (`lora_per_projection`: rank k*r over k projections, B block-diagonal)
+  gives each projection its own rank-r block instead (`per_projection_blocks`, exact);
 - row-parallel targets (linear_proj/o_proj, linear_fc2/down_proj, GDN out_proj) map 1:1: their
   mapping rules do not permute the input dim, so A and B are copied as they are;
 - routed experts use peft's fused-parameter form on transformers' `mlp.experts.gate_up_proj`
@@ -37,6 +39,8 @@ and TP machinery reads (`tensor_model_parallel`, `partition_dim`, `sequence_para
 `lora_tp_allreduce`, `allreduce`, `lora_expert`). The module keeps its `scaling`; B absorbs the
 difference. Optimizers and DDP wrappers must be built after loading. Adapters made on
 transformers 4 (one adapter per routed expert, `mlp.experts.E.gate_proj`) import as well.
+
+The serving layouts (vLLM, SGLang) are built on this one in `adapter_formats`.
 
 Entry points: `write_peft_adapter(checkpoint_dir, out_dir)` (export), `megatron_to_peft` (pure),
 `load_peft_adapter(model, dir, hf_spec=)` (model already wrapped by `apply_lora`),
@@ -170,7 +174,7 @@ def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, l
             continue
         a, b = full_lora[f"{target.module}.lora_A"], full_lora[f"{target.module}.lora_B"]
         pieces = target.rule.to_hf(b)
-        for source, piece in zip(target.rule.sources, pieces):
+        for source, (a, piece) in zip(target.rule.sources, per_projection_blocks(a, pieces, rank=lora_options.rank)):
             hf_module = source.name.removesuffix(".weight")
             if source.vocab:
                 piece = piece[: hf_spec.vocab_size]
@@ -209,6 +213,21 @@ def megatron_to_peft(full_lora: Mapping[str, Tensor], *, hf_spec: HFModelSpec, l
     return tensors, config
 
 
+def per_projection_blocks(a: Tensor, pieces: tuple[Tensor, ...], *, rank: int) -> list[tuple[Tensor, Tensor]]:
+    """(A, B) of each HF projection inside one fused megatron adapter (A [R, in], B split by rows
+    into `pieces`). A per-projection adapter (R = k*rank for k projections, projection i's B rows
+    zero outside its own columns i*rank:(i+1)*rank) gives each projection its own rank-`rank`
+    block, exactly; any other adapter gives every projection the whole A and its rows of B."""
+    k = len(pieces)
+    if k > 1 and a.shape[0] == k * rank:
+        blocks = [(a[i * rank:(i + 1) * rank], piece[:, i * rank:(i + 1) * rank]) for i, piece in enumerate(pieces)]
+        outside = [torch.cat([piece[:, : i * rank], piece[:, (i + 1) * rank:]], dim=1)
+                   for i, piece in enumerate(pieces)]
+        if not any(bool(rest.any()) for rest in outside):
+            return blocks
+    return [(a, piece) for piece in pieces]
+
+
 def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, tensors: dict[str, Tensor]) -> dict[str, int]:
     """Write one routed-expert module's adapters in peft's fused-parameter form; returns the
     targeted parameter names with their ranks."""
@@ -233,10 +252,10 @@ def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, tensors: d
     return ranks
 
 
-def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Read a training checkpoint (adapter_model.safetensors + meta.json) and write
-    `adapter_config.json` + `adapter_model.safetensors` that peft loads onto the base model."""
-    from safetensors.torch import load_file, save_file
+def read_checkpoint_lora(checkpoint_dir: str | Path) -> tuple[dict[str, Tensor], HFModelSpec, Any, str]:
+    """(full megatron LoRA tensors, HF spec of the trained layers, LoraOptions, base model path) of a
+    training checkpoint (adapter_model.safetensors + meta.json)."""
+    from safetensors.torch import load_file
 
     from megalora.train.lora.options import LoraOptions
     from megalora.train.model.hf_config import read_hf_config
@@ -259,14 +278,26 @@ def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     num_layers = ((meta.get("config") or {}).get("model") or {}).get("num_layers")
     if num_layers:
         spec = spec.truncated(int(num_layers))
-    full = load_file(str(ckpt / ADAPTER_WEIGHTS))
-    tensors, config = megatron_to_peft(full, hf_spec=spec, lora_options=options,
-                                       base_model_name_or_path=str(meta["base_model"]))
+    return load_file(str(ckpt / ADAPTER_WEIGHTS)), spec, options, str(meta["base_model"])
+
+
+def save_adapter(tensors: Mapping[str, Tensor], config: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` into `out_dir` (created)."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    save_file(dict(tensors), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Read a training checkpoint (adapter_model.safetensors + meta.json) and write
+    `adapter_config.json` + `adapter_model.safetensors` that peft loads onto the base model."""
+    full, spec, options, base = read_checkpoint_lora(checkpoint_dir)
+    tensors, config = megatron_to_peft(full, hf_spec=spec, lora_options=options, base_model_name_or_path=base)
+    return save_adapter(tensors, config, out_dir)
 
 
 def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping[str, Any], *,

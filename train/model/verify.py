@@ -123,8 +123,10 @@ def transformers_logits(
     adapter: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Reference logits from transformers (with a PEFT adapter when given); `num_layers`
-    keeps only the first decoder layers, as `build_model` does."""
+    """Reference logits from transformers (with a PEFT adapter when given, loaded by peft; an
+    adapter in a layout peft misreads on this model, e.g. `vllm`'s, is first converted to peft's
+    form, see `adapter_formats.peft_readable`); `num_layers` keeps only the first decoder layers,
+    as `build_model` does."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -136,9 +138,18 @@ def transformers_logits(
             config.mlp_only_layers = [i for i in config.mlp_only_layers if i < num_layers]
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
     if adapter is not None:
+        import tempfile
+
         import peft
 
-        model = peft.PeftModel.from_pretrained(model, str(adapter))
+        from megalora.train.lora.adapter_formats import peft_readable
+        from megalora.train.model.hf_config import read_hf_config
+
+        spec = read_hf_config(model_dir)
+        with tempfile.TemporaryDirectory() as work_dir:
+            readable = peft_readable(adapter, hf_spec=spec.truncated(num_layers) if num_layers else spec,
+                                     work_dir=work_dir)
+            model = peft.PeftModel.from_pretrained(model, str(readable))
     model.eval()
     with torch.no_grad():
         return model(tokens).logits.float()
