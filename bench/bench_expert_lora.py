@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megalora.train.lora.experts import LoraExperts, expert_lora_delta_grouped, expert_lora_delta_loop
-from megalora.train.lora.grouped_gemm import _expert_positions
+from megalora.train.ops.grouped_gemm import _expert_positions
 from megalora.train.lora.options import LoraOptions
 
 

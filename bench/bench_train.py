@@ -1,6 +1,7 @@
 """LoRA training throughput and memory: megalora vs transformers + peft, side by side in one run.
 
-    python bench/bench_train.py [--steps 10] [--warmup 2] [--threads 2] [--seq 512] [--micro 2] [--keep]
+    python bench/bench_train.py [--steps 10] [--warmup 2] [--threads 2] [--seq 512] [--micro 2]
+                                [--experts 32] [--topk 4] [--keep]
 
 Both sides train the same Qwen3-Next-shaped MoE (random weights saved by transformers at bench
 time, float32), with LoRA rank 8 on the same weights (attention, GDN projections, shared expert,
@@ -101,7 +102,7 @@ def _batch_digest(batches: list[dict]) -> str:
 
 
 # -- setup (parent) ----------------------------------------------------------------------------
-def make_model(out: Path) -> None:
+def make_model(out: Path, *, num_experts: int, topk: int) -> None:
     """Tokenizer (megalora's tiny demo tokenizer) and a seeded random Qwen3-Next MoE saved by transformers."""
     import torch
     from transformers import AutoTokenizer, Qwen3NextConfig, Qwen3NextForCausalLM
@@ -114,7 +115,8 @@ def make_model(out: Path) -> None:
     vocab += -vocab % 8
     config = Qwen3NextConfig(vocab_size=vocab, bos_token_id=None,
                              eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                             pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), **BENCH_MODEL)
+                             pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                             **{**BENCH_MODEL, "num_experts": num_experts, "num_experts_per_tok": topk})
     torch.manual_seed(0)
     Qwen3NextForCausalLM(config).to(torch.float32).save_pretrained(out, safe_serialization=True)
 
@@ -423,6 +425,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--micro", type=int, default=2)
+    ap.add_argument("--experts", type=int, default=BENCH_MODEL["num_experts"], help="routed experts per layer")
+    ap.add_argument("--topk", type=int, default=BENCH_MODEL["num_experts_per_tok"], help="experts per token")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (model, data, logs)")
     ap.add_argument("--child", choices=("megalora", "peer"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -446,13 +450,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="megalora-bench-train-"))
     try:
         t0 = time.perf_counter()
-        make_model(work / "model")
+        make_model(work / "model", num_experts=args.experts, topk=args.topk)
         # ~14 tokens per turn pair: enough pairs that every chat is longer than --seq.
         write_chats(work / "chats.jsonl", num_samples=max(4 * args.micro * args.steps, 32), turns=args.seq // 8 + 8)
         flags = megalora_flags(args, work)
         (work / "spec.json").write_text(json.dumps({"flags": flags}))
         print(f"bench: model and data in {work} ({time.perf_counter() - t0:.1f}s); threads {args.threads}, "
-              f"{args.steps} steps ({args.warmup} warmup) of {args.micro} x {args.seq} tokens", flush=True)
+              f"{args.steps} steps ({args.warmup} warmup) of {args.micro} x {args.seq} tokens, "
+              f"{args.experts} experts top-{args.topk}", flush=True)
         t1 = time.perf_counter()
         results = run_sides(work, threads=args.threads, steps=args.steps)
         mega, peer = results["megalora"], results["peer"]

@@ -90,7 +90,9 @@ class ParallelSection:
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel degree. Only 1 is supported.")
     context_parallel_size: int = _f(1, "Context-parallel degree. Only 1 is supported.")
     moe_token_dispatcher_type: str = _f("alltoall", "MoE token dispatcher.", choices=("alltoall", "allgather"))
-    distributed_backend: str = _f("auto", "torch.distributed backend: auto (nccl with CUDA, gloo without), nccl, gloo.",
+    distributed_backend: str = _f("auto", "torch.distributed backend. auto: with CUDA the group `cpu:gloo,cuda:nccl` (model tensors "
+                                  "over NCCL, the step's CPU bookkeeping over gloo), gloo without; nccl: the same, "
+                                  "refused without CUDA; gloo: everything over gloo, so several ranks may share one GPU.",
                                   choices=("auto", "nccl", "gloo"))
 
 

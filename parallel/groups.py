@@ -86,15 +86,13 @@ def initialize(
     """Initialise torch.distributed (if not yet) and megatron's model-parallel groups.
 
     torch.distributed is started from ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``PORT``)
-    when set, else as a one-process world. ``backend="auto"`` picks nccl with CUDA, gloo
-    without. Pipeline and context parallel are 1; expert tensor parallel is ``etp``.
+    when set, else as a one-process world, with the backend of ``default_group_backend``.
+    Pipeline and context parallel are 1; expert tensor parallel is ``etp``.
     Megatron's RNG tracker is seeded with ``seed`` (dropout and init draw from it).
 
     Returns this rank's row of ``layout`` (without ``experts``), plus ``world_size``,
     ``tp``, ``ep``, ``etp``, ``dp`` and ``sequence_parallel``.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {', '.join(_BACKENDS)}")
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel=true needs tensor_model_parallel_size > 1")
     from megalora.parallel import cpu_runtime
@@ -133,16 +131,37 @@ def initialize(
     }
 
 
+def default_group_backend(backend: str, *, cuda: bool) -> str:
+    """The backend string for ``init_process_group``.
+
+    With CUDA, ``auto`` and ``nccl`` give the two-device group ``cpu:gloo,cuda:nccl``: model
+    tensors (activations, LoRA gradients) travel over NCCL, and the step's bookkeeping
+    scalars, which stay on the CPU on purpose (token counts, loss sums, grad-norm partial
+    sums, the stop flag, checkpoint objects), over gloo. NCCL alone refuses CPU tensors.
+    ``gloo`` sends everything over gloo, so several ranks can share one GPU (a one-GPU
+    machine can run TP, SP and EP on CUDA tensors). Without CUDA only gloo exists.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"distributed_backend={backend!r}: expected one of {', '.join(_BACKENDS)}")
+    if backend == "gloo" or (backend == "auto" and not cuda):
+        return "gloo"
+    if not cuda:
+        raise ValueError("distributed_backend=nccl needs CUDA, and none is available here; use auto or gloo")
+    return "cpu:gloo,cuda:nccl"
+
+
 def _init_default_group(backend: str) -> None:
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    cuda = torch.cuda.is_available()
+    name = default_group_backend(backend, cuda=cuda)
+    if cuda:
+        # Ranks beyond the GPU count share GPUs (only gloo allows that; NCCL refuses two
+        # ranks on one device).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=name)
         return
     # A one-process world needs no rendezvous: an in-memory store avoids taking a port.
-    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=name, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def destroy() -> None:

@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalora.parallel import groups
 from megalora.train.lora.experts import LoraExperts, expert_lora_delta_grouped, expert_lora_delta_loop
-from megalora.train.lora.grouped_gemm import grouped_mm, grouped_mm_cuda
+from megalora.train.ops.grouped_gemm import grouped_mm, grouped_mm_cuda
 from megalora.train.lora.options import LoraOptions
 
 H, FFN, E = 16, 8, 6

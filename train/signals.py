@@ -28,10 +28,9 @@ class StopRequest:
         self.signum = signum
 
     def should_stop(self) -> bool:
+        # A CPU flag on purpose: the default group carries CPU tensors over gloo.
         flag = torch.tensor([1 if self.signum is not None else 0], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -6,6 +6,16 @@ micro-batch contributes `sum(token losses) / global_trained_tokens`. Gradients a
 summed over micro-batches and reduced over data-parallel ranks by `reduce_lora_grads`,
 which averages over DP; the loss is scaled by the DP size so that the result is exactly
 the gradient of the global mean.
+
+Where each collective's tensors live (the default group is `cpu:gloo,cuda:nccl` on GPUs, so
+CPU tensors go over gloo and CUDA tensors over NCCL; tests/test_collectives.py records one
+step and checks it against this plan):
+- bookkeeping, on the CPU on purpose (a few scalars; a device copy would only add syncs):
+  the global trained-token count and loss sum (`dp_all_reduce`, float64), the grad-norm
+  partial sums (`lora_grad_norm`, float64), the stop flag (`StopRequest`, int32), eval sums;
+- LoRA gradients (`train.lora.grads`): flat buffers on the model's device, in the LoRA dtype;
+- megatron's own (TP/SP mappings, MoE token dispatch): on the model's device;
+- checkpoint tensors travel as objects (`gather_object`), which torch sends over gloo.
 """
 from __future__ import annotations
 

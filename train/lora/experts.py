@@ -1,4 +1,4 @@
-"""LoRA on every routed expert of a megatron MoE layer (`SequentialMLP` experts).
+"""LoRA on every routed expert of a megatron MoE layer.
 
 Tensor legend: T tokens on this rank after dispatch, sorted by local expert (megatron's
 permuted order); E local experts; H hidden size; F expert ffn width per rank (fc1 emits 2F
@@ -8,11 +8,14 @@ for gated units); r LoRA rank.
     lora_fc2_A [E, r, F]   lora_fc2_B [E, H, r]      fc2: F -> H
 
 The fc1 delta is added to each expert's fc1 output before the activation; the fc2 delta to
-the experts' output. The base experts run unchanged: a forward hook on expert i's
-`linear_fc1` adds its slice of the precomputed fc1 delta, and a pre-hook on its `linear_fc2`
-records that expert's fc2 input (post activation and router probabilities). Both deltas are
-computed for all experts at once, by the grouped path (`grouped_mm`, no loop over experts) or
-by the loop reference (`expert_lora_delta_loop`, one matmul pair per expert, for comparison).
+the experts' output. With our `GroupedExperts` (the model's default) base and deltas run in one
+pass of grouped matrix products: the deltas go in as the base's `fc1_extra` / `fc2_extra`.
+Around megatron's `SequentialMLP` (the loop reference) the base experts run unchanged: a
+forward hook on expert i's `linear_fc1` adds its slice of the precomputed fc1 delta, and a
+pre-hook on its `linear_fc2` records that expert's fc2 input (post activation and router
+probabilities). The deltas are computed for all experts at once, by the grouped path
+(`grouped_mm`, no loop over experts) or by the loop reference (`expert_lora_delta_loop`, one
+matmul pair per expert, for comparison).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from megalora.train.lora.grouped_gemm import grouped_mm
+from megalora.train.model.experts import GroupedExperts
+from megalora.train.ops.grouped_gemm import grouped_mm
 from megalora.train.lora.options import LoraOptions, kaiming_uniform_full
 
 IMPLS = ("grouped", "loop")
@@ -105,7 +109,8 @@ class LoraExperts(torch.nn.Module):
         self.dropout = torch.nn.Dropout(options.dropout) if options.dropout > 0 else torch.nn.Identity()
         self._fc1_delta: Optional[list[torch.Tensor]] = None
         self._fc2_inputs: Optional[list[Optional[torch.Tensor]]] = None
-        for i, expert in enumerate(base_layer.local_experts):
+        self.grouped_base = isinstance(base_layer, GroupedExperts)
+        for i, expert in enumerate([] if self.grouped_base else base_layer.local_experts):
             if self.lora_fc1_A is not None:
                 expert.linear_fc1.register_forward_hook(self._make_fc1_hook(i))
             if self.lora_fc2_A is not None:
@@ -139,12 +144,18 @@ class LoraExperts(torch.nn.Module):
                 permuted_probs: torch.Tensor):
         """Megatron's experts contract: returns `(output, output_bias)` for the permuted tokens."""
         x = permuted_local_hidden_states
+        if not torch.is_tensor(tokens_per_expert):
+            tokens_per_expert = torch.tensor(tokens_per_expert)
+        if self.grouped_base:
+            def extra(a, b):
+                return None if a is None else (lambda t: self.lora_delta(t, a, b, tokens_per_expert))
+            return self.base_layer(x, tokens_per_expert, permuted_probs,
+                                   fc1_extra=extra(self.lora_fc1_A, self.lora_fc1_B),
+                                   fc2_extra=extra(self.lora_fc2_A, self.lora_fc2_B))
         config = self.base_layer.config
         fc1_in = x
         if config.moe_apply_probs_on_input:
             fc1_in = (permuted_probs.unsqueeze(-1) * x).to(x.dtype)
-        if not torch.is_tensor(tokens_per_expert):
-            tokens_per_expert = torch.tensor(tokens_per_expert)
         if self.lora_fc1_A is not None:
             delta1 = self.lora_delta(fc1_in, self.lora_fc1_A, self.lora_fc1_B, tokens_per_expert)
             self._fc1_delta = list(torch.split(delta1, tokens_per_expert.tolist()))

@@ -71,11 +71,13 @@ def build_model(
     num_layers: int | None = None,
     sequence_parallel: bool = False,
     load_weights: bool = True,
+    experts: str = "grouped",
     **config_overrides: Any,
 ) -> tuple[torch.nn.Module, ModelInfo]:
     """Build this rank's `GPTModel` for the HF checkpoint in `hf_dir` and load its weights.
 
-    `num_layers` keeps only the first layers (quick checks); `config_overrides` go to
+    `num_layers` keeps only the first layers (quick checks); `experts` picks the routed-expert
+    implementation (`grouped`, or the `sequential` loop reference; see `block_spec`); `config_overrides` go to
     megatron's `TransformerConfig` (e.g. `recompute_granularity`). TP and EP degrees come
     from megatron's parallel state. Logits over the padded vocab are masked so only the
     first `info.vocab_size` columns matter."""
@@ -96,7 +98,7 @@ def build_model(
     padded = padded_vocab_size(spec.vocab_size, tp=where.tp_size)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec(spec, norm=RMSNorm, core_attention=SDPACoreAttention),
+        transformer_layer_spec=block_spec(spec, norm=RMSNorm, core_attention=SDPACoreAttention, experts=experts),
         vocab_size=padded,
         max_sequence_length=spec.max_position_embeddings,
         pre_process=True,

@@ -1,8 +1,8 @@
 """Per-layer megatron module specs for the supported architectures (CPU-capable modules).
 
 Each layer gets full attention (megatron `SelfAttention`, QK-norm, optional output gate)
-or our `GatedDeltaNet`, and a dense SwiGLU MLP or a megatron `MoELayer` (loop experts,
-optional gated shared expert), following `HFModelSpec.layer_types` / `moe_layers`.
+or our `GatedDeltaNet`, and a dense SwiGLU MLP or a megatron `MoELayer` (our grouped-GEMM
+experts or megatron's loop experts, optional gated shared expert), following `HFModelSpec.layer_types` / `moe_layers`.
 Norms are a spec entry (`norm`), so one module serves every norm including QK-norm.
 """
 
@@ -22,6 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megalora.train.model.experts import GroupedExperts
 from megalora.train.model.gdn import GatedDeltaNet
 from megalora.train.model.hf_config import FULL_ATTENTION, HFModelSpec
 
@@ -49,15 +50,24 @@ def gdn_spec() -> ModuleSpec:
     )
 
 
-def block_spec(spec: HFModelSpec, *, norm: Any, core_attention: Any) -> TransformerBlockSubmodules:
-    """Decoder block spec: one `TransformerLayer` spec per layer of `spec`."""
+EXPERT_IMPLS = ("grouped", "sequential")
+
+
+def block_spec(spec: HFModelSpec, *, norm: Any, core_attention: Any, experts: str = "grouped") -> TransformerBlockSubmodules:
+    """Decoder block spec: one `TransformerLayer` spec per layer of `spec`.
+
+    `experts`: `grouped` (our `GroupedExperts`, grouped GEMMs over stacked frozen weights) or
+    `sequential` (megatron's `SequentialMLP`, a loop over experts: the reference, and the one
+    whose base expert weights can take gradients)."""
+    if experts not in EXPERT_IMPLS:
+        raise ValueError(f"experts={experts!r}: expected one of {', '.join(EXPERT_IMPLS)}")
     backend = LocalSpecProvider()
     dense = get_mlp_module_spec_for_backend(backend=backend, num_experts=None)
-    moe = (
-        get_moe_module_spec_for_backend(backend=backend, num_experts=spec.num_experts, moe_grouped_gemm=False)
-        if spec.is_moe
-        else None
-    )
+    moe = None
+    if spec.is_moe:
+        moe = get_moe_module_spec_for_backend(backend=backend, num_experts=spec.num_experts, moe_grouped_gemm=False)
+        if experts == "grouped":
+            moe.submodules.experts.module = GroupedExperts
     full = attention_spec(norm=norm, core_attention=core_attention)
     linear = gdn_spec() if spec.model_type == "qwen3_next" else None
     layers = []

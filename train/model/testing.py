@@ -309,7 +309,8 @@ def rank_gradients(
 ) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
     """Spawn target (one rank): for each named variant of TransformerConfig overrides
     (e.g. full recomputation), gradients of every megatron parameter for the loss
-    `sum(logits * _loss_weights)` on `sample_tokens`: result[variant][model_dir][name]."""
+    `sum(logits * _loss_weights)` on `sample_tokens`: result[variant][model_dir][name].
+    Routed experts are megatron's loop experts here: our grouped experts hold frozen weights."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
 
@@ -318,7 +319,7 @@ def rank_gradients(
     for variant, overrides in variants.items():
         out[variant] = {}
         for model_dir in model_dirs:
-            model, info = build_model(model_dir, **overrides)
+            model, info = build_model(model_dir, experts="sequential", **overrides)
             model.train()
             tokens = sample_tokens(info.vocab_size)
             positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
