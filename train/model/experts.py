@@ -13,7 +13,7 @@ permuted order); E local experts; H hidden size; F expert ffn width (fc1 emits 2
 the loader, the mapping table, export and merge see the usual per-expert parameters
 (`local_experts.{i}.linear_fc{1,2}.weight`), while forward reads the stacks directly, with
 `torch._grouped_mm` on CUDA bf16 (Hopper) and one padded `bmm` elsewhere (see
-`train.lora.grouped_gemm`). The base weights are frozen: gradients reach the stacks, not the
+`train.ops.grouped_gemm`). The base weights are frozen: gradients reach the stacks, not the
 per-expert views, so a model whose base experts train uses `SequentialMLP` (the loop
 reference, `experts="sequential"` in `build_model`), as the base-gradient parity tests do.
 Expert tensor parallelism, biases and fp8/fp4 experts are refused.
