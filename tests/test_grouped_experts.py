@@ -113,3 +113,43 @@ def test_grouped_experts_keep_per_expert_parameters_as_views(train_assets):
         assert not any("weight_E" in n for n in names) and len(names) == len(set(names))
     finally:
         groups.destroy()
+
+
+def test_grouped_experts_in_float32_take_the_grouped_kernel_and_match(train_assets):
+    """fp32 runs CPU `torch._grouped_mm` (fp64 above runs the padded bmm): same check, fp32 tolerance."""
+    from megalora.config import LoraSection
+    from megalora.parallel import groups
+    from megalora.train.lora.apply import apply_lora
+    from megalora.train.model.build import build_model
+    from megalora.train.ops import grouped_gemm
+
+    calls = []
+    real = grouped_gemm.grouped_mm_cpu
+
+    def spy(*args):
+        calls.append(args[0].dtype)
+        return real(*args)
+
+    groups.initialize()
+    try:
+        runs = {}
+        for experts in ("grouped", "sequential"):
+            model, info = build_model(train_assets.model_dir, dtype=torch.float32, experts=experts)
+            apply_lora(model, LoraSection(lora_rank=4), seed=3, verbose=False)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+            grouped_gemm.grouped_mm_cpu = spy
+            try:
+                logits = _forward_backward(model, info, packed=False)
+            finally:
+                grouped_gemm.grouped_mm_cpu = real
+            runs[experts] = (logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        assert calls and set(calls) == {torch.float32}
+        (lg, gg), (ls, gs) = runs["grouped"], runs["sequential"]
+        assert float((lg - ls).norm() / ls.norm()) <= 1e-5
+        for n in gs:
+            assert float((gg[n] - gs[n]).norm() / gs[n].norm().clamp_min(1e-30)) <= 1e-4, n
+    finally:
+        groups.destroy()

@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megalora.parallel import groups
 from megalora.train.lora.experts import LoraExperts, expert_lora_delta_grouped, expert_lora_delta_loop
-from megalora.train.ops.grouped_gemm import grouped_mm, grouped_mm_cuda
+from megalora.train.ops.grouped_gemm import grouped_mm, grouped_mm_cpu, grouped_mm_cuda, grouped_mm_padded
 from megalora.train.lora.options import LoraOptions
 
 H, FFN, E = 16, 8, 6
@@ -129,6 +129,23 @@ def test_grouped_mm_matches_per_expert_matmul() -> None:
     b = torch.randn(4, 3, 2, generator=gen)
     torch.testing.assert_close(expert_lora_delta_grouped(x, a, b, tpe),
                                expert_lora_delta_loop(x, a, b, tpe.tolist()))
+
+
+@pytest.mark.parametrize("impl", [grouped_mm_cpu, grouped_mm_padded])
+def test_each_cpu_grouped_mm_matches_per_expert_matmul_values_and_gradients(impl) -> None:
+    """CPU `torch._grouped_mm` with our backward (fp32/bf16) and the padded `bmm` (any dtype):
+    unaligned K=5, N=3, empty experts, gradients for x and w."""
+    gen = torch.Generator().manual_seed(2)
+    tpe = torch.tensor([0, 6, 1, 0, 9])
+    x = torch.randn(16, 5, generator=gen, requires_grad=True)
+    w = torch.randn(5, 5, 3, generator=gen, requires_grad=True)
+    y = impl(x, w, tpe)
+    ref = torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, tpe.tolist()))])
+    torch.testing.assert_close(y, ref)
+    g = torch.randn(y.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad(y, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        torch.testing.assert_close(a, b)
+    assert torch.count_nonzero(torch.autograd.grad(impl(x, w, tpe), w, g)[0][[0, 3]]) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
