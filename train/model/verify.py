@@ -159,12 +159,15 @@ def run_verify(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     apply_adapter: Callable[[torch.nn.Module, Any, str | Path], None] | None = None,
+    reference_dir: str | Path | None = None,
 ) -> VerifyResult:
     """Build megatron (TP=`tp`, EP=`ep`) and transformers models from `model_dir`, run the
     same tokens through both, and compare logits. Call it on every rank of the world
     (or in a single process). Without `tokens`, `default_tokens(seq_length, batch_size,
     seed)` are used. `apply_adapter(model, info, adapter)` loads a PEFT adapter into our
-    LoRA modules; it is needed when `adapter` is given."""
+    LoRA modules; it is needed when `adapter` is given. `reference_dir` gives transformers
+    another folder with the same weights (e.g. a block-FP8 checkpoint dequantized by other
+    means, where transformers' own dequantization cannot read its blocks)."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
 
@@ -180,7 +183,7 @@ def run_verify(
     ours = megatron_logits(model, info, tokens)
     result: list[VerifyResult | None] = [None]
     if dist.get_rank() == 0:
-        reference = transformers_logits(model_dir, tokens, num_layers=num_layers, adapter=adapter, dtype=dtype)
+        reference = transformers_logits(reference_dir or model_dir, tokens, num_layers=num_layers, adapter=adapter, dtype=dtype)
         result[0] = compare_logits(ours, reference, tolerance=tolerance)
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(result, src=0)
