@@ -183,3 +183,74 @@ def test_cli_verify_with_real_128_blocks_against_transformers_own_dequantization
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("verify: ") and last.endswith("status=ok")
     assert float(last.split("rel_l2=")[1].split()[0]) <= 1e-5
+
+
+def export_worker(rank: int, world_size: int, base: str, root: str) -> list[str]:
+    """Spawn target (1 rank): a LoRA checkpoint (seeded non-zero A and B on every linear
+    layer) on the block-FP8 base, then its merged export (verify on) and PEFT adapter."""
+    from megalora.config import Config, LoraSection
+    from megalora.export.run import export_checkpoint
+    from megalora.parallel import groups
+    from megalora.train.checkpoint import save_checkpoint
+    from megalora.train.lora.apply import apply_lora
+    from megalora.train.lora.layout import lora_layout
+    from megalora.train.model.build import build_model
+
+    groups.initialize(tp=1, ep=1)
+    model, _ = build_model(base)
+    cfg = Config()
+    cfg.lora = LoraSection(lora_rank=4, lora_alpha=8.0, target_modules=["all-linear"])
+    apply_lora(model, cfg.lora, seed=0, verbose=False)
+    layout = lora_layout(model)
+    generator = torch.Generator().manual_seed(3)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in layout:
+            params[name].copy_(0.05 * torch.randn(params[name].shape, generator=generator))
+    ckpt = save_checkpoint(Path(root) / "run", step=1, model=model, optimizer=None, layout=layout,
+                           meta={"base_model": base, "config": cfg.to_dict()}, save_optim=False, save_rng=False)
+    assert ckpt is not None
+    lines: list[str] = []
+    export_checkpoint(ckpt, Path(root) / "merged", log=lines.append)
+    export_checkpoint(ckpt, Path(root) / "adapter", mode="adapter", log=lines.append)
+    return lines
+
+
+def test_merged_export_of_fp8_base_is_bf16_and_matches_peft_on_the_dequantized_base(models):
+    """The export rounds merged weights to bf16; with top-k routing one token whose expert
+    choice sits near a tie flips and alone moves rel_l2 past the bf16 bound, so this base
+    routes every token to all 8 experts (no choice to flip)."""
+    import peft
+    import transformers
+
+    root = models["root"] / "export"
+    src = make_tiny_checkpoint("qwen3_next_a", root / "src", seed=7, overrides={"num_experts_per_tok": 8})
+    base = make_fp8_checkpoint(src, root / "fp8", block=CUT_BLOCK)
+    reference = dequantized_reference(base, root / "ref")
+    lines = spawn(export_worker, 1, args=(str(base), str(root)), timeout=600)[0]
+    said = [line for line in lines if "dequantized and merged" in line]
+    assert said == ["export: the base holds block-FP8 (float8_e4m3fn, 20x24 blocks) weights: written dequantized "
+                    "and merged in bfloat16, config.json without quantization_config"]
+    assert any(line.startswith("verify: ") and line.endswith("status=ok") for line in lines), lines
+    merged = root / "merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    names = set()
+    for path in merged.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                names.add(key)
+                assert handle.get_slice(key).get_dtype() == "BF16", key
+    assert names == set(load_file(str(reference / "model.safetensors")))
+    ours = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    assert getattr(ours.config, "quantization_config", None) is None
+    plain = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+    oracle = peft.PeftModel.from_pretrained(plain, str(root / "adapter")).eval()
+    tokens = sample_tokens(251)
+    with torch.no_grad():
+        got, want = ours(tokens).logits.double(), oracle(tokens).logits.double()
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 2e-2 and (got.argmax(-1) == want.argmax(-1)).double().mean() >= 0.9, rel
+    with torch.no_grad(), oracle.disable_adapter():
+        unadapted = oracle(tokens).logits.double()
+    assert ((unadapted - want).norm() / want.norm()).item() > 10 * rel  # the adapter is really merged
