@@ -62,6 +62,8 @@ def test_reader_dequantizes_every_slice_exactly_and_reads_only_its_scales(models
         assert set(reader.names()) == set(reference)  # no *_scale_inv among the model's tensors
         quantized = [n for n in reader.names() if reader.is_quantized(n)]
         assert len(quantized) > 50 and any(".experts.3.down_proj" in n for n in quantized)
+        gdn = "model.layers.0.linear_attn."
+        assert reader.is_quantized(gdn + "in_proj_qkvz.weight") and reader.is_quantized(gdn + "in_proj_ba.weight")
         assert not reader.is_quantized("model.layers.0.mlp.gate.weight")
         for name in reader.names():
             assert torch.equal(reader.read(name).float(), reference[name]), name
@@ -254,3 +256,25 @@ def test_merged_export_of_fp8_base_is_bf16_and_matches_peft_on_the_dequantized_b
     with torch.no_grad(), oracle.disable_adapter():
         unadapted = oracle(tokens).logits.double()
     assert ((unadapted - want).norm() / want.norm()).item() > 10 * rel  # the adapter is really merged
+
+
+@pytest.mark.parametrize("which", ["cut", "real"])
+def test_planner_counts_dequantized_weights_and_reports_fp8_disk_size(models, which):
+    from megalora.config import load_config
+    from megalora.train.plan import GIB, fp8_checkpoint_bytes, memory_plan, plan_main
+
+    fp8_config = json.loads((models[which] / "config.json").read_text())
+    plain_config = json.loads((models["src"] / "config.json").read_text())
+    cfg, _ = load_config(argv=["--torch_dtype", "bfloat16"])
+    fp8 = memory_plan(cfg, hf_config=fp8_config, num_gpus=1)
+    plain = memory_plan(cfg, hf_config=plain_config, num_gpus=1)
+    frozen = {k: v for k, v in fp8["components"].items() if k.startswith("frozen ")}
+    assert frozen == {k: v for k, v in plain["components"].items() if k.startswith("frozen ")}
+    assert plain["fp8_disk_bytes"] is None
+    # The tensor bytes of the file made here: its size less the 8-byte length and the JSON header.
+    path = models[which] / "model.safetensors"
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    on_disk = path.stat().st_size - 8 - header
+    assert fp8["fp8_disk_bytes"] == fp8_checkpoint_bytes(read_hf_config(models[which])) == on_disk
+    text = plan_main(cfg, num_gpus=1, hf_config=fp8_config)
+    assert f"{on_disk / GIB:.2f} GiB on disk; dequantized at load, the frozen rows below count 2 bytes" in text

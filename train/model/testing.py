@@ -181,7 +181,7 @@ def make_fp8_checkpoint(src_dir: str | Path, out_dir: str | Path, *, block: tupl
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(src.glob("*.safetensors")):
         for name, value in load_file(str(path)).items():
-            if value.dim() != 2 or not name.endswith("_proj.weight") or any(k in name for k in FP8_KEPT):
+            if value.dim() != 2 or "_proj" not in name or any(k in name for k in FP8_KEPT):
                 tensors[name] = value.to(torch.bfloat16)
                 continue
             rows, cols = -(-value.shape[0] // block[0]), -(-value.shape[1] // block[1])
