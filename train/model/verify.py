@@ -124,7 +124,8 @@ def transformers_logits(
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Reference logits from transformers (with a PEFT adapter when given); `num_layers`
-    keeps only the first decoder layers, as `build_model` does."""
+    keeps only the first decoder layers, as `build_model` does. Block-FP8 weights are
+    dequantized by transformers at load."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -134,7 +135,16 @@ def transformers_logits(
             config.layer_types = list(config.layer_types)[:num_layers]
         if getattr(config, "mlp_only_layers", None):
             config.mlp_only_layers = [i for i in config.mlp_only_layers if i < num_layers]
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    kwargs: dict[str, Any] = {}
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        # Block FP8 (others are refused before): dequantized weights on any device, never
+        # transformers' fp8 GPU kernels, which also quantize activations.
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        kwargs["quantization_config"] = transformers.FineGrainedFP8Config(
+            weight_block_size=qc["weight_block_size"], modules_to_not_convert=qc.get("modules_to_not_convert"),
+            dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **kwargs)
     if adapter is not None:
         import peft
 
