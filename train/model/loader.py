@@ -20,7 +20,8 @@ from torch import Tensor
 
 from megalora.train.model.hf_config import HFModelSpec
 from megalora.train.model.mapping import Rule, Source, local_expert_name, rules_for, source_slices, vocab_rows
-from megalora.train.model.quant import SCALE_SUFFIX, BlockFP8, dequantize_slice, read_quantization, scale_range, scale_shape
+from megalora.train.model.quant import (
+    SCALE_SUFFIX, BlockFP8, dequantize_slice, read_quantization, scale_range, scale_shape)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
