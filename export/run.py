@@ -47,7 +47,7 @@ from torch import Tensor
 from megalora.export.push import DEFAULT_COMMIT_MESSAGE
 from megalora.export.merge import LoraKeys, lora_delta_factors, lora_keys_for, merge_rule
 from megalora.export.writer import (
-    ShardWriter, TensorInfo, copy_side_files, parse_size, plan_shards, write_index)
+    ShardWriter, TensorInfo, copy_side_files, dtype_name, parse_size, plan_shards, write_index)
 from megalora.train.model.mapping import Rule
 
 MODES = ("merge", "adapter")
@@ -55,6 +55,8 @@ MODES = ("merge", "adapter")
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1.0), torch.bfloat16: (2e-2, 0.9), torch.float16: (5e-3, 0.9)}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Block-FP8 base weights are merged in fp32 and written in this dtype (a bf16 model).
+DEQUANTIZED_DTYPE = torch.bfloat16
 
 
 class ExportVerifyError(RuntimeError):
@@ -126,20 +128,14 @@ def lora_scale(lora_cfg: dict) -> float:
 
 
 def _catalog(base_dir: Path) -> dict[str, TensorInfo]:
-    """Name, dtype and shape of every base tensor (headers only)."""
-    from safetensors import safe_open
-
+    """Name, dtype and shape of every tensor the export writes (headers only): block-FP8
+    weights are written dequantized in `DEQUANTIZED_DTYPE`, their scales not at all."""
     from megalora.train.model.loader import CheckpointReader
 
     with CheckpointReader(base_dir) as reader:
-        files = sorted(set(reader.files.values()))
-    out = {}
-    for path in files:
-        with safe_open(str(path), "pt") as handle:
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                out[name] = TensorInfo(name, piece.get_dtype(), tuple(piece.get_shape()))
-    return out
+        return {name: TensorInfo(name, dtype_name(DEQUANTIZED_DTYPE) if reader.is_quantized(name)
+                                 else reader.dtype(name), tuple(reader.shape(name)))
+                for name in reader.names()}
 
 
 def plan_units(rules: list[Rule], catalog: dict[str, TensorInfo], lora_names: set[str], *,
@@ -207,7 +203,7 @@ def _merge_unit(unit: Unit, *, base_dir: Path, adapter_path: Path, scale: float,
                 outputs = tuple(sources)
             del sources
             for name, tensor in zip(item.sources, outputs):
-                writer.write(name, tensor)
+                writer.write(name, tensor.to(DEQUANTIZED_DTYPE) if reader.is_quantized(name) else tensor)
 
 
 def _check_out_dir(out: Path) -> None:
@@ -304,6 +300,21 @@ def _export_merged(ckpt: Path, out: Path, meta: dict, *, max_shard_size: str | i
         write_index(out, plan)
         copied = copy_side_files(base, out)
         log(f"export: wrote {len(plan.shards)} shard(s); copied {', '.join(copied)}")
+        if spec.quantization is not None:
+            _drop_quantization_config(out / "config.json")
+            log(f"export: the base holds {spec.quantization.describe()} weights: written dequantized and merged "
+                f"in {str(DEQUANTIZED_DTYPE).removeprefix('torch.')}, config.json without quantization_config")
+
+
+def _drop_quantization_config(path: Path) -> None:
+    """The exported config.json describes the dequantized bf16 weights."""
+    config = json.loads(path.read_text())
+    config.pop("quantization_config", None)
+    dtype = str(DEQUANTIZED_DTYPE).removeprefix("torch.")
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _base_dtype(out: Path) -> torch.dtype:

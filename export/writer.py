@@ -66,6 +66,11 @@ def dtype_from_name(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """safetensors dtype string of a torch dtype (the inverse of `dtype_from_name`)."""
+    return _DTYPE_NAMES[dtype]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """A tensor of the output: name, safetensors dtype string and shape."""

@@ -3,7 +3,8 @@
 Everything here is arithmetic on the HF `config.json` and the `Config` tree (pure functions);
 `format_plan` renders one table. The model follows megatron-core's layout as megalora builds it:
 
-Frozen weights (`torch_dtype`; `auto` = bf16 on GPU, fp32 on CPU), per GPU:
+Frozen weights (`torch_dtype`; `auto` = bf16 on GPU, fp32 on CPU; block-FP8 checkpoints are
+    dequantized at load, so they count in this dtype too and their on-disk size is reported apart), per GPU:
     attention q/k/v/o, GDN in/out projections, conv1d, A_log, dt_bias, dense MLP and shared expert
     are split by TP; routed experts by EP (expert TP is 1); embedding and output layer by TP over
     the vocab padded to a multiple of TP; norms, QK-norms, routers and shared-expert gates are
@@ -150,6 +151,38 @@ def frozen_weights(spec: HFModelSpec, *, vocab: int) -> list[Weight]:
         else:
             out.append(Weight("dense_mlp", 3 * h * spec.ffn_hidden_size, "tp"))
     return out
+
+
+def _projection_shapes(spec: HFModelSpec) -> list[tuple[int, int, int]]:
+    """(rows, columns, count) of every projection weight in HF's on-disk layout: attention
+    q/k/v/o, GDN in/out projections, routed experts (per expert), shared expert, dense MLP."""
+    h, out = spec.hidden_size, []
+    for layer in range(spec.num_layers):
+        if spec.layer_types[layer] == FULL_ATTENTION:
+            q, kv, o_in = _attention_dims(spec)
+            out += [(q, h, 1), (kv, h, 2), (h, o_in, 1)]
+        else:
+            g = _gdn_dims(spec)
+            out += [(g["qkvz"], h, 1), (g["ba"], h, 1), (h, g["value"], 1)]
+        mlps = [(spec.ffn_hidden_size, 1)]
+        if spec.moe_layers[layer]:
+            mlps = [(spec.moe_ffn_hidden_size, spec.num_experts)]
+            if spec.shared_expert_ffn_hidden_size:
+                mlps.append((spec.shared_expert_ffn_hidden_size, 1))
+        for f, count in mlps:
+            out += [(f, h, 2 * count), (h, f, count)]
+    return out
+
+
+def fp8_checkpoint_bytes(spec: HFModelSpec) -> int:
+    """Bytes of a block-FP8 checkpoint's tensors on disk, laid out as Qwen's -FP8 releases are:
+    every projection weight in float8 (1 byte) plus one float32 scale per block, everything
+    else (embeddings, LM head, norms, routers, GDN conv/A_log/dt_bias) in bf16."""
+    assert spec.quantization is not None
+    bm, bn = spec.quantization.block
+    fp8 = sum(r * c * n for r, c, n in _projection_shapes(spec))
+    scales = sum(-(-r // bm) * -(-c // bn) * n for r, c, n in _projection_shapes(spec))
+    return fp8 + 4 * scales + 2 * (num_params(spec) - fp8)
 
 
 def num_params(spec: HFModelSpec) -> int:
@@ -384,7 +417,9 @@ def memory_plan(cfg: Config, *, hf_config: dict, num_gpus: int, device: str = "g
         components["NCCL communicators"] = groups * NCCL_PER_GROUP_GIB * GIB
         dynamic = acts["layers"] + acts["backward working set"] + components["logits + loss"] + comm
         components["allocator fragmentation"] = FRAGMENTATION * dynamic
+    disk = fp8_checkpoint_bytes(spec) if spec.quantization is not None else None
     return {"spec": spec, "layout": layout, "degrees": degrees, "precision": prec, "padded_vocab": padded,
+            "fp8_disk_bytes": disk,
             "adapters": adapters, "lora_params_total": lora_numel(adapters, rank=cfg.lora.lora_rank),
             "lora_params_per_gpu": lora_local, "components": components, "total": sum(components.values())}
 
@@ -441,8 +476,11 @@ def format_plan(memory: dict[str, Any], *, flops: dict[str, float],
              f"grad accumulation {memory['degrees']['grad_accum']}",
              f"dtypes (bytes): weights {prec.weight}, activations {prec.act}, LoRA {prec.lora}; "
              f"vocab padded to {memory['padded_vocab']}",
-             f"LoRA parameters: {memory['lora_params_total']:,} in all, {memory['lora_params_per_gpu']:,} per GPU", "",
-             f"{'component':<34}{'GiB per GPU':>12}"]
+             f"LoRA parameters: {memory['lora_params_total']:,} in all, {memory['lora_params_per_gpu']:,} per GPU"]
+    if memory["fp8_disk_bytes"] is not None:
+        lines.append(f"checkpoint: {spec.quantization.describe()}, {memory['fp8_disk_bytes'] / GIB:.2f} GiB on disk; "
+                     f"dequantized at load, the frozen rows below count {prec.weight} bytes per weight")
+    lines += ["", f"{'component':<34}{'GiB per GPU':>12}"]
     for name, value in memory["components"].items():
         lines.append(f"{name:<34}{value / GIB:>12.3f}")
     total = memory["total"] / GIB

@@ -182,6 +182,10 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
         overrides.pop("moe_aux_loss_coeff")
     model, info = build_model(model_dir, dtype=_dtype(cfg), num_layers=cfg.model.num_layers,
                               sequence_parallel=cfg.parallel.sequence_parallel, **overrides)
+    if info.load is not None and info.load.quantization is not None:
+        dtype = str(_dtype(cfg)).removeprefix("torch.")
+        rt.log(f"megalora: {model_dir} holds {info.load.quantization.describe()} weights: "
+               f"{info.load.num_dequantized} tensors dequantized at load into {dtype} (each rank its slices)")
     model.to(rt.device)
     report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
     if not cfg.lora.lora_per_projection:

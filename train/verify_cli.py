@@ -51,6 +51,7 @@ def cmd_verify(argv: list[str]) -> int:
     sequence_parallel = args.sequence_parallel and tp > 1
     from megalora.dry_run import resolve_model_dir_from_name
     from megalora.parallel import groups
+    from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import run_verify
 
     groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
@@ -63,5 +64,9 @@ def cmd_verify(argv: list[str]) -> int:
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:
+        quantization = read_hf_config(model_dir).quantization
+        if quantization is not None:
+            print(f"verify: {model_dir} holds {quantization.describe()} weights: megatron dequantizes them at "
+                  "load, transformers with its own fp8 dequantization", flush=True)
         print(result.summary_line(), flush=True)
     return 0 if result.ok else 1

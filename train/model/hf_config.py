@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megalora.train.model.quant import BlockFP8, parse_quantization, refuse_modelopt_sidecar
+
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3": "Qwen3ForCausalLM (dense Qwen3)",
     "qwen3_moe": "Qwen3MoeForCausalLM (Qwen3-MoE, e.g. Qwen3-30B-A3B / Qwen3-Coder-30B-A3B)",
@@ -57,6 +59,7 @@ class HFModelSpec:
     linear_key_head_dim: int | None = None
     linear_value_head_dim: int | None = None
     linear_conv_kernel_dim: int | None = None
+    quantization: BlockFP8 | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -166,6 +169,7 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
         attention_output_gate=is_next,
         layer_types=tuple(layer_types),
         moe_layers=moe_layers,
+        quantization=parse_quantization(cfg, path=path),
         raw=dict(cfg),
     )
     if any(moe_layers):
@@ -202,6 +206,7 @@ def read_hf_config(model_dir: str | Path) -> HFModelSpec:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from err
+    refuse_modelopt_sidecar(model_dir, cfg)
     return parse_hf_config(cfg, path=str(path))
 
 

@@ -2,7 +2,9 @@
 
 Every tensor is read with `safe_open(...).get_slice`, only the rows/columns this rank
 owns (its TP shard, its EP experts), single-file or sharded (`model.safetensors.index.json`)
-checkpoints alike; the full model is never assembled on any rank.
+checkpoints alike; the full model is never assembled on any rank. Block-FP8 checkpoints
+(`megalora.train.model.quant`) are dequantized slice by slice as they are read: a rank
+reads its slice of each fp8 tensor and only the scale rows/columns that cover it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from torch import Tensor
 
 from megalora.train.model.hf_config import HFModelSpec
 from megalora.train.model.mapping import Rule, Source, local_expert_name, rules_for, source_slices, vocab_rows
+from megalora.train.model.quant import (
+    SCALE_SUFFIX, BlockFP8, dequantize_slice, read_quantization, scale_range, scale_shape)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointReader:
-    """Lazy access to the tensors of an HF folder, single-file or sharded."""
+    """Lazy access to the tensors of an HF folder, single-file or sharded; block-FP8
+    weights read as their float32 values (their `_scale_inv` companions are not listed)."""
 
     def __init__(self, model_dir: str | Path) -> None:
         from safetensors import safe_open
@@ -47,6 +52,14 @@ class CheckpointReader:
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
         self.bytes_read = 0
+        self.dequantized: set[str] = set()
+        self.quantization: BlockFP8 | None = None
+        if (self.model_dir / "config.json").is_file():
+            self.quantization = read_quantization(self.model_dir)
+        scaled = [n for n in self.files if n.endswith(SCALE_SUFFIX)]
+        if scaled and self.quantization is None:
+            raise ValueError(f"{self.model_dir}: holds {scaled[0]} (and {len(scaled) - 1} more scale tensors) but "
+                             "config.json declares no block-FP8 quantization_config")
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -67,9 +80,47 @@ class CheckpointReader:
         """Shape of tensor `name` on disk (reads only the header)."""
         return list(self._slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """safetensors dtype string ("BF16", "F8_E4M3", ...) of tensor `name` on disk."""
+        return str(self._slice(name).get_dtype())
+
+    def names(self) -> list[str]:
+        """The model's tensors: every tensor but the scales of quantized ones."""
+        return [n for n in self.files if not (n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in self.files)]
+
+    def is_quantized(self, name: str) -> bool:
+        """True when `name` is stored as block FP8 (it has a `_scale_inv` companion)."""
+        return self.quantization is not None and name + SCALE_SUFFIX in self.files
+
+    def _read_dequantized(self, name: str, handle: Any, *, dim: int | None, start: int, stop: int | None) -> Tensor:
+        assert self.quantization is not None
+        block = self.quantization.block
+        shape = tuple(handle.get_shape())
+        scale_name = name + SCALE_SUFFIX
+        scales = self._slice(scale_name)
+        if len(shape) != 2 or tuple(scales.get_shape()) != scale_shape(shape, block):
+            raise ValueError(f"{self.model_dir}: {scale_name} has shape {list(scales.get_shape())}; a "
+                             f"{list(shape)} weight in {block[0]}x{block[1]} blocks needs "
+                             f"{list(scale_shape(shape, block)) if len(shape) == 2 else 'a 2-D weight'}")
+        bounds = [[0, shape[0]], [0, shape[1]]]
+        if dim is not None:
+            bounds[dim] = [start, shape[dim] if stop is None else stop]
+        (r0, r1), (c0, c1) = bounds
+        (s0, s1), (t0, t1) = scale_range(r0, r1, block[0]), scale_range(c0, c1, block[1])
+        values, scale = handle[r0:r1, c0:c1], scales[s0:s1, t0:t1]
+        self.bytes_read += values.numel() * values.element_size() + scale.numel() * scale.element_size()
+        self.dequantized.add(name)
+        return dequantize_slice(values, scale, block=block, row0=r0, col0=c0)
+
     def read(self, name: str, *, dim: int | None = None, start: int = 0, stop: int | None = None) -> Tensor:
-        """Read tensor `name`, or only indices [start, stop) along `dim`."""
+        """Read tensor `name`, or only indices [start, stop) along `dim` (block-FP8 weights:
+        their float32 values)."""
         handle = self._slice(name)
+        if self.is_quantized(name):
+            return self._read_dequantized(name, handle, dim=dim, start=start, stop=stop)
+        if str(handle.get_dtype()).startswith("F8"):
+            raise ValueError(f"{self.model_dir}: tensor {name!r} is stored as {handle.get_dtype()} but has no "
+                             f"{name + SCALE_SUFFIX} scales")
         if dim is None:
             tensor = handle[:]
         else:
@@ -107,10 +158,13 @@ class ParallelRank:
 
 @dataclass
 class LoadReport:
-    """What `load_hf_weights` did: parameters filled and bytes read from disk."""
+    """What `load_hf_weights` did: parameters filled, bytes read from disk, and the
+    quantization dequantized on the way (None: an unquantized checkpoint)."""
 
     loaded: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    quantization: BlockFP8 | None = None
+    num_dequantized: int = 0
 
 
 def _read_source(
@@ -193,6 +247,8 @@ def load_hf_weights(
                 param.copy_(tensor.to(param.dtype))
             report.loaded.append(name)
         report.bytes_read = reader.bytes_read
+        report.quantization = reader.quantization
+        report.num_dequantized = len(reader.dequantized)
     missing = sorted(set(params) - set(report.loaded))
     assert not missing, f"parameters not covered by the mapping table: {missing}"
     return report

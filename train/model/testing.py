@@ -12,6 +12,7 @@ reference computations, and the `rank_*` functions the multi-process tests spawn
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,82 @@ def make_tiny_checkpoint(
     if max_shard_size is not None:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **kwargs)
+    return out
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# Tensors Qwen's -FP8 releases keep unquantized (with every 1-D tensor and conv1d).
+FP8_KEPT = ("model.embed_tokens", "lm_head", "mlp.gate", "shared_expert_gate")
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    for path in src.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and not path.name.startswith("model.safetensors"):
+            (out / path.name).write_bytes(path.read_bytes())
+
+
+def _block_grid(scales: torch.Tensor, shape: tuple[int, ...], block: tuple[int, int]) -> torch.Tensor:
+    """One scale per element of a `shape` weight (edge blocks cropped)."""
+    grid = scales.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    return grid[: shape[0], : shape[1]]
+
+
+def make_fp8_checkpoint(src_dir: str | Path, out_dir: str | Path, *, block: tuple[int, int]) -> Path:
+    """Quantize the checkpoint in `src_dir` into the on-disk layout of Qwen's -FP8 releases:
+    every 2-D projection weight as float8_e4m3fn plus `<name>_scale_inv` (float32, one per
+    `block` of [rows, columns], amax / 448, partial edge blocks included), everything else
+    (embeddings, LM head, router, shared-expert gate, norms, conv1d, A_log, dt_bias) in
+    bfloat16, and config.json with `quantization_config` (quant_method fp8) and dtype bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src_dir), Path(out_dir)
+    out.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        for name, value in load_file(str(path)).items():
+            if value.dim() != 2 or "_proj" not in name or any(k in name for k in FP8_KEPT):
+                tensors[name] = value.to(torch.bfloat16)
+                continue
+            rows, cols = -(-value.shape[0] // block[0]), -(-value.shape[1] // block[1])
+            padded = value.new_zeros(rows * block[0], cols * block[1])
+            padded[: value.shape[0], : value.shape[1]] = value
+            amax = padded.reshape(rows, block[0], cols, block[1]).abs().amax(dim=(1, 3))
+            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)).float()
+            quantized = (value / _block_grid(scale, tuple(value.shape), block)).clamp(-FP8_MAX, FP8_MAX)
+            tensors[name] = quantized.to(torch.float8_e4m3fn)
+            tensors[name + "_scale_inv"] = scale
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _copy_side_files(src, out)
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": list(block), "modules_to_not_convert": list(FP8_KEPT)}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def dequantized_reference(fp8_dir: str | Path, out_dir: str | Path) -> Path:
+    """A plain float32 checkpoint with the real weights of the block-FP8 checkpoint in
+    `fp8_dir`, computed from the raw files (whole tensors, scales expanded block by block)
+    and without `quantization_config`: the reference transformers loads for verify."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(fp8_dir), Path(out_dir)
+    out.mkdir(parents=True)
+    config = json.loads((src / "config.json").read_text())
+    block = tuple(config.pop("quantization_config")["weight_block_size"])
+    config["dtype"] = "float32"
+    raw = load_file(str(src / "model.safetensors"))
+    tensors = {}
+    for name, value in raw.items():
+        if name.endswith("_scale_inv"):
+            continue
+        scale = raw.get(name + "_scale_inv")
+        grid = 1.0 if scale is None else _block_grid(scale, tuple(value.shape), block)  # type: ignore[arg-type]
+        tensors[name] = value.float() * grid
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _copy_side_files(src, out)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -297,6 +374,25 @@ def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, per
     if rank == 0:
         perturbed = compare_logits(ours, transformers_logits(model_dir, tokens, num_layers=num_layers), tolerance=1e-4)
     return {"clean": clean, "perturbed": perturbed}
+
+
+def rank_verify_layouts(
+    rank: int, world_size: int, model_dir: str, reference_dir: str, layouts: list[Layout]
+) -> dict[Layout, Any]:
+    """Spawn target: `run_verify` of `model_dir` against transformers on `reference_dir`
+    for each (tp, ep, sequence_parallel) layout in turn, with the tensors this rank's load
+    dequantized (count) and the bytes it read."""
+    from megalora.train.model.build import build_model
+    from megalora.train.model.verify import run_verify
+
+    out: dict[Layout, Any] = {}
+    for tp, ep, sequence_parallel in layouts:
+        result = run_verify(model_dir, tp=tp, ep=ep, sequence_parallel=sequence_parallel, reference_dir=reference_dir)
+        _, info = build_model(model_dir, sequence_parallel=sequence_parallel)
+        assert info.load is not None
+        out[(tp, ep, sequence_parallel)] = {"result": result, "num_dequantized": info.load.num_dequantized,
+                                            "bytes_read": info.load.bytes_read}
+    return out
 
 
 def _loss_weights(shape: tuple[int, ...]) -> torch.Tensor:

@@ -126,7 +126,7 @@ def transformers_logits(
     """Reference logits from transformers (with a PEFT adapter when given, loaded by peft; an
     adapter in a layout peft misreads on this model, e.g. `vllm`'s, is first converted to peft's
     form, see `adapter_formats.peft_readable`); `num_layers` keeps only the first decoder layers,
-    as `build_model` does."""
+    as `build_model` does. Block-FP8 weights are dequantized by transformers at load."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -136,7 +136,16 @@ def transformers_logits(
             config.layer_types = list(config.layer_types)[:num_layers]
         if getattr(config, "mlp_only_layers", None):
             config.mlp_only_layers = [i for i in config.mlp_only_layers if i < num_layers]
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype)
+    kwargs: dict[str, Any] = {}
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        # Block FP8 (others are refused before): dequantized weights on any device, never
+        # transformers' fp8 GPU kernels, which also quantize activations.
+        qc = qc if isinstance(qc, dict) else qc.to_dict()
+        kwargs["quantization_config"] = transformers.FineGrainedFP8Config(
+            weight_block_size=qc["weight_block_size"], modules_to_not_convert=qc.get("modules_to_not_convert"),
+            dequantize=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **kwargs)
     if adapter is not None:
         import tempfile
 
@@ -170,12 +179,15 @@ def run_verify(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     apply_adapter: Callable[[torch.nn.Module, Any, str | Path], None] | None = None,
+    reference_dir: str | Path | None = None,
 ) -> VerifyResult:
     """Build megatron (TP=`tp`, EP=`ep`) and transformers models from `model_dir`, run the
     same tokens through both, and compare logits. Call it on every rank of the world
     (or in a single process). Without `tokens`, `default_tokens(seq_length, batch_size,
     seed)` are used. `apply_adapter(model, info, adapter)` loads a PEFT adapter into our
-    LoRA modules; it is needed when `adapter` is given."""
+    LoRA modules; it is needed when `adapter` is given. `reference_dir` gives transformers
+    another folder with the same weights (e.g. a block-FP8 checkpoint dequantized by other
+    means, where transformers' own dequantization cannot read its blocks)."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
 
@@ -191,7 +203,7 @@ def run_verify(
     ours = megatron_logits(model, info, tokens)
     result: list[VerifyResult | None] = [None]
     if dist.get_rank() == 0:
-        reference = transformers_logits(model_dir, tokens, num_layers=num_layers, adapter=adapter, dtype=dtype)
+        reference = transformers_logits(reference_dir or model_dir, tokens, num_layers=num_layers, adapter=adapter, dtype=dtype)
         result[0] = compare_logits(ours, reference, tolerance=tolerance)
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(result, src=0)
