@@ -59,6 +59,32 @@ _CUDA_LITERAL_FUNCTIONS = {
 
 _installed = False
 
+# The megatron-core releases whose private names this module was written against and
+# tested with; any other version is refused before anything is patched.
+SUPPORTED_MEGATRON_CORE = ("0.16.",)
+ALLOW_ENV = "MEGALORA_ALLOW_MEGATRON_CORE"
+
+
+def check_megatron_core_version(version: str | None = None) -> str:
+    """The installed megatron-core version, or a clear error if the CPU runtime does not know it.
+
+    Setting ``MEGALORA_ALLOW_MEGATRON_CORE=1`` proceeds anyway (each redirection still has
+    its test in ``tests/test_cpu_runtime.py``, the way to find out what broke)."""
+    import os
+    from importlib import metadata
+
+    if version is None:
+        try:
+            version = metadata.version("megatron-core")
+        except metadata.PackageNotFoundError:
+            raise ImportError("megatron-core is not installed; megalora needs megatron-core==0.16.1") from None
+    if version.startswith(SUPPORTED_MEGATRON_CORE) or os.environ.get(ALLOW_ENV) == "1":
+        return version
+    raise ImportError(
+        f"megalora's CPU runtime patches private parts of megatron-core {', '.join(v + 'x' for v in SUPPORTED_MEGATRON_CORE)}"
+        f" and was not tested with the installed megatron-core {version}: install megatron-core==0.16.1, "
+        f"or set {ALLOW_ENV}=1 to try anyway")
+
 
 def is_active() -> bool:
     """True when the runtime applies here (no CUDA) and ``install()`` has run."""
@@ -75,6 +101,7 @@ def install() -> bool:
         return True
     if torch.cuda.is_available():
         return False
+    check_megatron_core_version()
     _patch_device()
     _patch_torch_rng()
     _patch_streams()

@@ -271,3 +271,14 @@ def test_tp_broadcast_and_moe_metrics_on_cpu(probed: list[dict[str, Any]]) -> No
         metrics = probed[rank]["moe_metrics"]
         assert metrics.device == torch.device("cpu")
         torch.testing.assert_close(metrics, torch.tensor(0.0))
+
+
+def test_unknown_megatron_core_version_is_refused_by_name(monkeypatch):
+    from megalora.parallel import cpu_runtime
+
+    monkeypatch.delenv(cpu_runtime.ALLOW_ENV, raising=False)
+    assert cpu_runtime.check_megatron_core_version().startswith("0.16.")  # the installed one passes
+    with pytest.raises(ImportError, match=r"installed megatron-core 0\.17\.0.*megatron-core==0\.16\.1"):
+        cpu_runtime.check_megatron_core_version("0.17.0")
+    monkeypatch.setenv(cpu_runtime.ALLOW_ENV, "1")
+    assert cpu_runtime.check_megatron_core_version("0.17.0") == "0.17.0"
