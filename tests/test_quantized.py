@@ -214,7 +214,7 @@ def export_worker(rank: int, world_size: int, base: str, root: str) -> list[str]
     assert ckpt is not None
     lines: list[str] = []
     export_checkpoint(ckpt, Path(root) / "merged", log=lines.append)
-    export_checkpoint(ckpt, Path(root) / "adapter", mode="adapter", log=lines.append)
+    export_checkpoint(ckpt, Path(root) / "adapter", mode="adapter", adapter_format="peft", log=lines.append)
     return lines
 
 
