@@ -58,16 +58,19 @@ def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
 
 
 def describe_extras(extras: Extras, *, cuda: bool) -> list[str]:
-    lines = []
-    from megalora.config import NOT_APPLICABLE
+    """One line per accepted key that takes no effect (named, with why), the notes and the ENV block."""
+    from megalora.swift_keys import REPORTED
 
+    lines = list(extras.notes)
     for key, value in extras.not_applicable.items():
-        lines.append(f"--{key} {value}: not applicable ({NOT_APPLICABLE[key]})")
+        lines.append(f"--{key} {value}: not applicable ({REPORTED[key]})")
     for key, value in extras.gpu_fusions.items():
         if not cuda:
             lines.append(f"--{key} {value}: unavailable without CUDA; the CPU path is used")
         else:
             lines.append(f"--{key} {value}: requested; the GPU fast path reports at model build whether it applies")
+    if extras.env:
+        lines.append("ENV (from the YAML): " + " ".join(f"{k}={v}" for k, v in extras.env.items()))
     return lines
 
 

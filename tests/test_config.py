@@ -47,7 +47,7 @@ def test_recipe_flags_are_understood_or_reported():
     assert cfg.train.recompute_granularity == "full" and cfg.train.recompute_num_layers == 1
     assert cfg.checkpoint.no_save_optim and cfg.checkpoint.no_save_rng
     assert cfg.data.model_author == ["swift"] and cfg.data.model_name == ["swift-robot"]
-    assert extras.not_applicable == {"load_safetensors": True}
+    assert extras.not_applicable == {"load_safetensors": True, "save_safetensors": True, "finetune": True}
     assert extras.gpu_fusions == {"moe_permute_fusion": True, "moe_grouped_gemm": True,
                                   "moe_shared_expert_overlap": True, "cross_entropy_loss_fusion": True,
                                   "attention_backend": "flash"}
