@@ -54,8 +54,8 @@ class TokenizedDataset:
 def row_settings(cfg_data) -> RowSettings:
     return RowSettings(
         encode=EncodeSettings(max_length=cfg_data.max_length, truncation_strategy=cfg_data.truncation_strategy,
-                              loss_on=cfg_data.loss_on),
-        model_name=tuple(cfg_data.model_name), model_author=tuple(cfg_data.model_author))
+                              loss_on=cfg_data.loss_on, loss_scale=cfg_data.loss_scale),
+        model_name=tuple(cfg_data.model_name), model_author=tuple(cfg_data.model_author), system=cfg_data.system)
 
 
 def _default_barrier() -> Callable[[], None] | None:

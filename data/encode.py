@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megalora.data.errors import RowProblem
+from megalora.data.swift_options import LOSS_SCALES, apply_loss_scale
 
 IGNORE_INDEX = -100
 
@@ -27,8 +28,11 @@ class EncodeSettings:
     max_length: int
     truncation_strategy: str = "delete"
     loss_on: str = "all_assistant"
+    loss_scale: str = "default"
 
     def __post_init__(self) -> None:
+        if self.loss_scale not in LOSS_SCALES:
+            raise ValueError(f"`loss_scale` must be one of {', '.join(LOSS_SCALES)}; got {self.loss_scale!r}")
         if self.truncation_strategy not in ("delete", "left", "right"):
             raise ValueError(f"`truncation_strategy` must be delete, left or right; got {self.truncation_strategy!r}")
         if self.loss_on not in ("all_assistant", "last_turn"):
@@ -105,6 +109,7 @@ def encode_conversation(tokenizer, conv: dict, settings: EncodeSettings, *,
                         markers: tuple[str, ...] | None = None) -> Encoded:
     """Tokenise a validated conversation; RowProblem(too_long / no_trained_tokens) when it must be dropped."""
     full, spans = trained_spans(tokenizer, conv["messages"], conv.get("tools"), loss_on=settings.loss_on, markers=markers)
+    spans = apply_loss_scale(full, spans, settings.loss_scale)
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int32)
     starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64).reshape(-1)
