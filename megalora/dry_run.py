@@ -142,8 +142,10 @@ def check_splits(cfg: Config, degrees: dict, *, vocab_size: int, splits: dict) -
     return lines
 
 
-def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> int:
+def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=None) -> int:
     import torch
+
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
 
     from megalora.parallel.groups import layout
 
