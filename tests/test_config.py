@@ -129,7 +129,7 @@ def test_layout_degrees():
 
 # --- ms-swift spellings, reported and refused keys, hints, ENV, launch environments ---------------
 
-from megalora.config import suggestions  # noqa: E402
+from megalora.config import FIELDS, suggestions  # noqa: E402
 from megalora.swift_keys import ALIASES, REFUSED, REPORTED  # noqa: E402
 
 
@@ -296,3 +296,30 @@ def test_too_few_ranks_says_how_to_launch():
     with pytest.raises(ConfigError) as err:
         check_layout(cfg, world_size=1, how_to_launch=lambda n: f"NPROC_PER_NODE={n} megalora sft configs/demo.yaml")
     assert str(err.value).endswith("launch 2 ranks: NPROC_PER_NODE=2 megalora sft configs/demo.yaml")
+
+
+def test_readme_table_names_every_ms_swift_key_we_know():
+    from megalora.config import GPU_FUSIONS
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("### ms-swift scripts"):]
+    table = table[:table.index("\n## ")]
+    ours_only = {"num_layers", "strict", "loss_on", "lora_dtype", "exclude_modules", "lora_per_projection", "resume",
+                 "wandb_mode", "max_shard_size", "hub", "hub_private", "commit_message"}
+    keys = set(ALIASES) | set(REPORTED) | set(REFUSED) | set(GPU_FUSIONS) | (set(FIELDS) - ours_only)
+    missing = sorted(k for k in keys if f"`{k}`" not in table)
+    assert not missing, missing
+
+
+def test_help_documents_each_alias_and_reported_key(capsys):
+    from megalora.cli import main
+
+    assert main(["sft", "--help"]) == 0
+    out = capsys.readouterr().out
+    for alias, key in ALIASES.items():
+        line = next(l for l in out.splitlines() if l.startswith(f"  --{key} "))
+        assert f"(ms-swift spelling: --{alias})" in line
+    for key, reason in REPORTED.items():
+        assert f"  --{key}: {reason}" in out
+    for key, (_, reason) in REFUSED.items():
+        assert f"  --{key}" in out and reason in out
