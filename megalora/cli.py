@@ -15,7 +15,7 @@ import textwrap
 import warnings
 
 from megalora.config import FIELDS, GPU_FUSIONS, SECTIONS, ConfigError
-from megalora.swift_keys import ALIASES, REFUSED, REPORTED
+from megalora.swift_keys import REFUSED, REPORTED, SWIFT3_NAMES, SWIFT4_NAMES
 
 USAGE = """\
 usage: megalora <command> [args]
@@ -35,9 +35,8 @@ def _sft_help() -> str:
     lines = ["usage: megalora sft [CONFIG.yaml] [--key value ...] [--dry-run]", "",
              "Every config key can be given as a flag; YAML sections group them. A YAML `ENV:` block sets",
              "environment variables (NPROC_PER_NODE, ...) before launch; variables already set keep their value."]
-    spellings = {}
-    for alias, key in ALIASES.items():
-        spellings.setdefault(key, []).append(alias)
+    spellings = {key: f" (ms-swift 4: --{alias})" for alias, key in SWIFT4_NAMES.items()}
+    spellings.update({key: f" (ms-swift 3: --{alias})" for alias, key in SWIFT3_NAMES.items()})
     for section in SECTIONS:
         lines.append(f"\n{section}:")
         for key, (sec, f) in FIELDS.items():
@@ -46,7 +45,7 @@ def _sft_help() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata.get("choices")
             extra = f" {{{', '.join(str(c) for c in choices if c is not None)}}}" if choices else ""
-            also = "".join(f" (ms-swift spelling: --{a})" for a in spellings.get(key, []))
+            also = spellings.get(key, "")
             doc = textwrap.fill(f.metadata["doc"], width=76, initial_indent=" " * 6, subsequent_indent=" " * 6)
             lines.append(f"  --{key}{extra}  (default: {default}){also}\n{doc}")
     lines.append("\nms-swift keys accepted and reported at start (no effect here):")

@@ -84,7 +84,14 @@ def format_layout(rows: list[dict]) -> str:
 
 
 def check_inputs(cfg: Config) -> None:
-    """What can fail before step 1 and needs no weights, besides layout and data: the folders named."""
+    """What can fail before step 1 and needs no weights, besides layout and data: LoRA targets and the
+    folders named."""
+    from megalora.train.lora.apply import check_targets
+
+    try:
+        check_targets(cfg.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
         raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
     if cfg.checkpoint.resume is not None:

@@ -12,17 +12,16 @@ The README's ms-swift table lists every key of these tables; a test keeps them i
 """
 from __future__ import annotations
 
-ALIASES = {
-    # ms-swift 4 (2026-03) renames.
+SWIFT4_NAMES = {  # ms-swift 4 (2026-03) renamed these; our fields keep ms-swift 3's names
     "num_train_epochs": "max_epochs",
     "output_dir": "save",
     "save_steps": "save_interval",
     "eval_steps": "eval_interval",
     "logging_steps": "log_interval",
     "dataloader_num_workers": "num_workers",
-    # ms-swift 3's name of tuner_type.
-    "train_type": "tuner_type",
 }
+SWIFT3_NAMES = {"train_type": "tuner_type"}  # our field has ms-swift 4's name
+ALIASES = {**SWIFT4_NAMES, **SWIFT3_NAMES}
 
 _HF = "weights are always read straight from the HF safetensors folder given by --model"
 REPORTED = {

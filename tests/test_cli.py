@@ -378,6 +378,15 @@ def test_dry_run_catches_an_eval_split_too_small_for_the_layout(demo_assets, mon
     assert "data[val]: 1 samples cannot fill one micro-batch of 1 on each of 2 data-parallel ranks" in err
 
 
+def test_dry_run_checks_lora_targets_without_weights(demo_assets, monkeypatch, capsys):
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    from megalora.cli import main
+
+    code = main(["sft", "configs/demo.yaml", "--dry-run", "--model", str(demo_assets.model_dir), "--target_modules",
+                 "linear_qkvv"])
+    assert code == 2 and "lora.target_modules: unknown ['linear_qkvv']" in capsys.readouterr().err
+
+
 def test_too_few_ranks_says_how_to_launch(monkeypatch, capsys):
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

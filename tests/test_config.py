@@ -316,9 +316,12 @@ def test_help_documents_each_alias_and_reported_key(capsys):
 
     assert main(["sft", "--help"]) == 0
     out = capsys.readouterr().out
-    for alias, key in ALIASES.items():
-        line = next(l for l in out.splitlines() if l.startswith(f"  --{key} "))
-        assert f"(ms-swift spelling: --{alias})" in line
+    from megalora.swift_keys import SWIFT3_NAMES, SWIFT4_NAMES
+
+    for names, dialect in ((SWIFT4_NAMES, "ms-swift 4"), (SWIFT3_NAMES, "ms-swift 3")):
+        for alias, key in names.items():
+            line = next(l for l in out.splitlines() if l.startswith(f"  --{key} "))
+            assert f"({dialect}: --{alias})" in line
     for key, reason in REPORTED.items():
         assert f"  --{key}: {reason}" in out
     for key, (_, reason) in REFUSED.items():
