@@ -199,7 +199,8 @@ def cmd_plan(argv: list[str]) -> int:
     config_path, flags, _ = _split_config_path(rest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg, _ = load_config(config_path, flags)
+        cfg, extras = load_config(config_path, flags)
+    apply_env(extras.env)  # a YAML `ENV: {NPROC_PER_NODE: ...}` describes the launch being planned
     if num_gpus is None:
         launched = "WORLD_SIZE" in os.environ or "NPROC_PER_NODE" in os.environ
         num_gpus = world_size_from_env() if launched else 8

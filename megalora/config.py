@@ -114,7 +114,7 @@ class TrainSection:
     recompute_num_layers: Optional[int] = _f(None, "Layers per recompute chunk (uniform) or recomputed layers (block).")
     moe_aux_loss_coeff: float = _f(0.0, "Coefficient of the MoE load-balancing loss.")
     eval_interval: Optional[int] = _f(None, "Evaluate every N steps (and at the end) when eval data exists.")
-    eval_iters: int = _f(10, "Micro-batches per evaluation.")
+    eval_iters: int = _f(10, "Micro-batches per evaluation; -1: the whole eval split (ms-swift's default); 0: no evaluation.")
     log_interval: int = _f(1, "Log every N steps.")
 
 
@@ -474,6 +474,8 @@ def check_static(cfg: Config) -> None:
         section = FIELDS[key][0]
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"`{key}` must be >= 1; got {getattr(getattr(cfg, section), key)}")
+    if t.eval_iters < -1:
+        raise ConfigError(f"`eval_iters` must be -1 (whole eval split), 0 (no evaluation) or more; got {t.eval_iters}")
     if not 0.0 <= lora.lora_dropout < 1.0:
         raise ConfigError(f"`lora_dropout` must be in [0, 1); got {lora.lora_dropout}")
     if t.lr_warmup_fraction is not None and not 0.0 <= t.lr_warmup_fraction < 1.0:

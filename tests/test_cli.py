@@ -421,3 +421,12 @@ save_steps: 10
     assert kept.returncode == 0, kept.stderr
     assert "layout: world 4 = TP 1 x DP 4" in kept.stdout
     assert "ENV.NPROC_PER_NODE=2 from the YAML not applied: the environment already sets NPROC_PER_NODE=4" in kept.stdout
+
+
+def test_plan_reads_the_launch_from_a_yaml_env_block(tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text("ENV:\n  NPROC_PER_NODE: 4\n" + (ROOT / "configs" / "qwen3_coder_next_lora.yaml").read_text())
+    r = _run([sys.executable, "-m", "megalora", "plan", str(path)],
+             env_extra={"HF_HUB_OFFLINE": "1", "MODELSCOPE_ENDPOINT": "http://127.0.0.1:9"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "layout: 4 GPUs, TP=1 EP=4 DP=4" in r.stdout
