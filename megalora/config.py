@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megalora.swift_keys import ALIASES, REFUSED, REPORTED, coerce_scalar, refusal
+from megalora.swift_keys import ALIASES, REFUSED, REPORTED, SEE_ALSO, coerce_scalar, refusal
 
 
 class ConfigError(ValueError):
@@ -270,7 +270,10 @@ _SHAPE_KEYS = {"num_layers"}
 
 
 def suggestions(key: str, *, n: int = 3) -> list[str]:
-    """Known keys close to `key`, best first, each once: shared words count before spelling."""
+    """Known keys close to `key`, best first, each once: shared words count before spelling. A name
+    another trainer uses for one of our keys (`max_steps`) names that key alone."""
+    if key in SEE_ALSO:
+        return [SEE_ALSO[key]]
     known = dict.fromkeys([*FIELDS, *ALIASES, *REPORTED, *REFUSED, *GPU_FUSIONS, *SECTIONS])
     words = set(key.split("_"))
 

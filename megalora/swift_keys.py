@@ -23,6 +23,22 @@ SWIFT4_NAMES = {  # ms-swift 4 (2026-03) renamed these; our fields keep ms-swift
 SWIFT3_NAMES = {"train_type": "tuner_type"}  # our field has ms-swift 4's name
 ALIASES = {**SWIFT4_NAMES, **SWIFT3_NAMES}
 
+# Names from other trainers (transformers' Trainer, ms-swift's non-Megatron `swift sft`) that mean
+# one of our keys but not exactly: not accepted (the meaning differs), but the hint names the key.
+SEE_ALSO = {
+    "max_steps": "train_iters",
+    "learning_rate": "lr",
+    "warmup_ratio": "lr_warmup_fraction",
+    "warmup_steps": "lr_warmup_iters",
+    "lr_scheduler_type": "lr_decay_style",
+    "max_grad_norm": "clip_grad",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "global_batch_size",
+    "gradient_checkpointing": "recompute_granularity",
+    "lora_r": "lora_rank",
+    "resume_from_checkpoint": "resume",
+}
+
 _HF = "weights are always read straight from the HF safetensors folder given by --model"
 REPORTED = {
     "load_safetensors": _HF,

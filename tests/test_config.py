@@ -210,8 +210,14 @@ def test_pipeline_parallel_script_is_refused_with_its_reason():
 @pytest.mark.parametrize("typo, first", [
     ("eval_step", "eval_steps"), ("output_dirr", "output_dir"), ("lora_rnak", "lora_rank"),
     ("save_step", "save_steps"), ("num_train_epoch", "num_train_epochs"), ("model_nam", "model_name"),
+    # Other trainers' names: the key that means it, not a look-alike (max_steps is not max_epochs,
+    # gradient_accumulation_steps is not gradient_accumulation_fusion).
+    ("max_steps", "train_iters"), ("gradient_accumulation_steps", "global_batch_size"), ("learning_rate", "lr"),
 ])
 def test_hints_rank_the_intended_key_first(typo, first):
+    from megalora.swift_keys import SEE_ALSO
+
+    assert set(SEE_ALSO.values()) <= set(FIELDS)
     close = suggestions(typo)
     assert close[0] == first, close
     assert len(close) == len(set(close))
