@@ -119,7 +119,8 @@ def cmd_sft(argv: list[str]) -> int:
         cfg, extras = load_config(config_path, flags)
     for w in caught:
         print(f"megalora: warning: {w.message}", file=sys.stderr)
-    extras.notes.extend(apply_env(extras.env))
+    for note in apply_env(extras.env):  # said here: after a relaunch the workers see the applied environment
+        print(f"megalora: {note}", flush=True)
     from megalora.config import check_layout
     from megalora.dry_run import dry_run as run_dry
 
