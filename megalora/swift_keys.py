@@ -3,7 +3,7 @@
 Our config fields keep ms-swift 3's Megatron names (`max_epochs`, `save`, `save_interval`, ...),
 and ms-swift 4's `tuner_type`. Every other ms-swift key we know falls in exactly one table:
 
-- ALIASES: another spelling of one of our fields (ms-swift 4's renames, ms-swift 3's `train_type`).
+- ALIASES: another spelling of one of our fields (ms-swift 4's renames, ms-swift 3's `train_type`, ...).
 - REPORTED: accepted and reported by name at start, with why it has no effect here.
 - REFUSED: stops with one line saying why (it would change what is trained, or needs a feature
   megalora does not have); a value listed in `allowed` passes as REPORTED instead.
@@ -20,7 +20,8 @@ SWIFT4_NAMES = {  # ms-swift 4 (2026-03) renamed these; our fields keep ms-swift
     "logging_steps": "log_interval",
     "dataloader_num_workers": "num_workers",
 }
-SWIFT3_NAMES = {"train_type": "tuner_type"}  # our field has ms-swift 4's name
+SWIFT3_NAMES = {"train_type": "tuner_type",  # our field has ms-swift 4's name
+                "no_save_rng_state": "no_save_rng"}
 ALIASES = {**SWIFT4_NAMES, **SWIFT3_NAMES}
 
 # Names from other trainers (transformers' Trainer, ms-swift's non-Megatron `swift sft`) that mean
@@ -44,7 +45,6 @@ REPORTED = {
     "load_safetensors": _HF,
     "save_safetensors": "checkpoints are LoRA adapters in safetensors and exports are HF safetensors, whatever the value",
     "use_mcore_models": "megatron-core models are always used",
-    "no_save_rng_state": "alias of no_save_rng",
     "finetune": "a run always starts from the HF weights at step 0; continue a megalora run with --resume",
     "model_type": "the architecture is read from the model's config.json",
     "template": "the tokenizer's own chat template is used",

@@ -141,6 +141,7 @@ from megalora.swift_keys import ALIASES, REFUSED, REPORTED  # noqa: E402
     ("logging_steps", "5", "train", "log_interval", 5),
     ("dataloader_num_workers", "2", "data", "num_workers", 2),
     ("train_type", "lora", "lora", "tuner_type", "lora"),
+    ("no_save_rng_state", "true", "checkpoint", "no_save_rng", True),
 ])
 def test_each_ms_swift_alias_sets_our_key(alias, value, section, key, expected, tmp_path):
     assert ALIASES[alias] == key
