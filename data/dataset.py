@@ -63,8 +63,8 @@ def row_settings(cfg_data) -> RowSettings:
     return RowSettings(
         encode=EncodeSettings(max_length=cfg_data.max_length, truncation_strategy=cfg_data.truncation_strategy,
                               loss_on=cfg_data.loss_on, template_mode=cfg_data.template_mode,
-                              template_kwargs=template_kwargs(cfg_data)),
-        model_name=tuple(cfg_data.model_name), model_author=tuple(cfg_data.model_author))
+                              template_kwargs=template_kwargs(cfg_data), loss_scale=cfg_data.loss_scale),
+        model_name=tuple(cfg_data.model_name), model_author=tuple(cfg_data.model_author), system=cfg_data.system)
 
 
 def _default_barrier() -> Callable[[], None] | None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megalora.data.errors import RowProblem
+from megalora.data.swift_options import LOSS_SCALES, apply_loss_scale
 
 IGNORE_INDEX = -100
 TEMPLATE_MODES = ("auto", "per_turn", "incremental")
@@ -44,8 +45,11 @@ class EncodeSettings:
     loss_on: str = "all_assistant"
     template_mode: str = "auto"
     template_kwargs: tuple = ()  # sorted (name, value) pairs passed to the chat template
+    loss_scale: str = "default"  # data.swift_options: which characters of trained spans keep their loss
 
     def __post_init__(self) -> None:
+        if self.loss_scale not in LOSS_SCALES:
+            raise ValueError(f"`loss_scale` must be one of {', '.join(LOSS_SCALES)}; got {self.loss_scale!r}")
         if self.truncation_strategy not in ("delete", "left", "right"):
             raise ValueError(f"`truncation_strategy` must be delete, left or right; got {self.truncation_strategy!r}")
         if self.loss_on not in ("all_assistant", "last_turn"):
@@ -219,6 +223,8 @@ def _encode_one(tokenizer, r: Rendered, settings: EncodeSettings, info: Template
         # Measured without tokenising: no token covers more than max_token_chars characters.
         raise RowProblem("too_long", "", f"{len(r.text)} characters: at least "
                          f"{-(-len(r.text) // info.max_token_chars)} tokens > max_length {limit}")
+    if settings.loss_scale != "default":
+        r = Rendered(r.text, apply_loss_scale(r.text, r.spans, settings.loss_scale), r.turns)
     ids_list, trained = tokenise_segments(tokenizer, r)
     ids = np.asarray(ids_list, dtype=np.int32)
     labels = np.where(np.asarray(trained, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)

@@ -41,26 +41,28 @@ def _probe(endpoint: str, timeout: float) -> None:
     requests.head(endpoint, timeout=timeout, allow_redirects=False)
 
 
-def load_hub_dataset(dataset_id: str, *, use_hf: bool = False, split: str = "train",
+def load_hub_dataset(dataset_id: str, *, use_hf: bool = False, split: str = "train", subset: str | None = None,
                      timeout: float = DEFAULT_TIMEOUT_S) -> list[dict]:
-    """Rows of `split` of a hub dataset as dicts; raises HubDatasetError when it cannot be fetched."""
+    """Rows of `split` (of `subset`, when given) of a hub dataset as dicts; raises HubDatasetError when it
+    cannot be fetched."""
     hub = "Hugging Face" if use_hf else "ModelScope"
+    named = f"{dataset_id}:{subset}" if subset else dataset_id
     endpoint = hub_endpoint(use_hf=use_hf)
     if not _offline_mode(use_hf):
         try:
             _probe(endpoint, timeout)
         except Exception as e:  # noqa: BLE001 - any network failure means the same to the user
-            raise _fail(dataset_id, hub, endpoint, f"hub unreachable within {timeout:g}s ({type(e).__name__})") from None
+            raise _fail(named, hub, endpoint, f"hub unreachable within {timeout:g}s ({type(e).__name__})") from None
     try:
         if use_hf:
             import datasets
 
-            ds = datasets.load_dataset(dataset_id, split=split)
+            ds = datasets.load_dataset(dataset_id, name=subset, split=split)
         else:
             from modelscope.msdatasets import MsDataset
 
-            ds = MsDataset.load(dataset_id, split=split)
+            ds = MsDataset.load(dataset_id, subset_name=subset, split=split)
             ds = ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
     except Exception as e:  # noqa: BLE001 - the clients raise many types; the user needs one message
-        raise _fail(dataset_id, hub, endpoint, f"{type(e).__name__}: {e}") from None
+        raise _fail(named, hub, endpoint, f"{type(e).__name__}: {e}") from None
     return [dict(row) for row in ds]

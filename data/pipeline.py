@@ -17,6 +17,7 @@ from megalora.data.encode import EncodedRow, EncodeSettings, TemplateInfo, encod
 from megalora.data.errors import BAD_ROW_REASONS, REASONS, DataError, Problem, RowProblem
 from megalora.data.formats import fill_placeholders, parse_json_line, to_conversation
 from megalora.data.readers import Row
+from megalora.data.swift_options import with_default_system
 from megalora.data.validate import validate_conversation
 
 MAX_PROBLEMS_PER_REASON = 10
@@ -28,6 +29,7 @@ class RowSettings:
     encode: EncodeSettings
     model_name: tuple[str, ...] = ()
     model_author: tuple[str, ...] = ()
+    system: str | None = None
 
 
 @dataclass
@@ -94,7 +96,7 @@ def process_row(row: Row, tokenizer, settings: RowSettings, *, info: TemplateInf
         obj = row.obj if row.obj is not None else parse_json_line(row.text)
         conv = to_conversation(obj)
         conv = fill_placeholders(conv, model_name=list(settings.model_name), model_author=list(settings.model_author), where=where)
-        conv = validate_conversation(conv)
+        conv = validate_conversation(with_default_system(conv, settings.system))
         try:
             return encode_conversation(tokenizer, conv, settings.encode, info=info)
         except jinja2.TemplateError as e:

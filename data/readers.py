@@ -1,5 +1,9 @@
 """Readers: JSONL files, folders, globs, `datasets` folders and hub ids; `id_or_path#N` sampling; mixing.
 
+A hub id may name subsets as ms-swift does: `owner/name:subset#N`, several as `owner/name:a/b`
+(their rows are concatenated). A local path is always tried first, so a file or folder whose
+name holds `:` still reads as itself.
+
 Rows are read raw (JSONL lines stay text) and parsed later in the worker processes, so a
 bad line is reported where it is processed, with its file and line number. Blank lines are
 not rows. Several dataset specs are mixed by concatenation (the sampler shuffles every epoch).
@@ -18,6 +22,7 @@ from megalora.data.hub_datasets import DEFAULT_TIMEOUT_S, HubDatasetError, load_
 JSONL_SUFFIXES = (".jsonl", ".json")
 _DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SUBSETS = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,17 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     if int(count) < 1:
         raise ValueError(f"dataset `{spec}`: the sample count after # must be >= 1")
     return target, int(count)
+
+
+def parse_hub_target(target: str) -> tuple[str, list[str]]:
+    """Split `owner/name:subset[/subset...]` into (owner/name, [subsets]); no `:` gives no subsets."""
+    dataset_id, sep, subsets = target.partition(":")
+    if not sep:
+        return target, []
+    if not _SUBSETS.match(subsets):
+        raise ValueError(f"dataset `{target}`: after `:` give subset names separated by `/` (e.g. "
+                         f"`{dataset_id}:default`)")
+    return dataset_id, subsets.split("/")
 
 
 def read_jsonl(path: Path) -> list[Row]:
@@ -90,14 +106,20 @@ def read_source(target: str, *, use_hf: bool = False, hub_timeout: float = DEFAU
         if not files:
             raise ValueError(f"dataset glob `{target}` matches no files")
         return [row for f in files for row in read_jsonl(f)]
-    if target.startswith(("/", "./", "../", "~")) or target.endswith(JSONL_SUFFIXES) or not _HUB_ID.match(target):
-        raise ValueError(f"dataset `{target}` not found: no such file or folder (a hub id looks like `owner/name`)")
-    source = f"{'hf' if use_hf else 'modelscope'}:{target}"
-    try:
-        table = load_hub_dataset(target, use_hf=use_hf, timeout=hub_timeout)
-    except HubDatasetError as e:
-        raise HubDatasetError(f"{e} (no local file or folder `{target}` exists either)") from None
-    return [Row(source, i + 1, obj=row) for i, row in enumerate(table)]
+    dataset_id, subsets = parse_hub_target(target) if ":" in target and _HUB_ID.match(target.partition(":")[0]) \
+        else (target, [])
+    if target.startswith(("/", "./", "../", "~")) or target.endswith(JSONL_SUFFIXES) or not _HUB_ID.match(dataset_id):
+        raise ValueError(f"dataset `{target}` not found: no such file or folder (a hub id looks like `owner/name`, "
+                         "a subset of one `owner/name:subset`)")
+    rows = []
+    for subset in subsets or [None]:
+        source = f"{'hf' if use_hf else 'modelscope'}:{dataset_id}" + (f":{subset}" if subset else "")
+        try:
+            table = load_hub_dataset(dataset_id, use_hf=use_hf, subset=subset, timeout=hub_timeout)
+        except HubDatasetError as e:
+            raise HubDatasetError(f"{e} (no local file or folder `{target}` exists either)") from None
+        rows += [Row(source, i + 1, obj=row) for i, row in enumerate(table)]
+    return rows
 
 
 def sample_indices(num_rows: int, count: int, *, seed: int | list[int]) -> np.ndarray:

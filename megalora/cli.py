@@ -14,7 +14,8 @@ import sys
 import textwrap
 import warnings
 
-from megalora.config import FIELDS, GPU_FUSIONS, NOT_APPLICABLE, SECTIONS, ConfigError
+from megalora.config import FIELDS, GPU_FUSIONS, SECTIONS, ConfigError
+from megalora.swift_keys import REFUSED, REPORTED, SWIFT3_NAMES, SWIFT4_NAMES
 
 USAGE = """\
 usage: megalora <command> [args]
@@ -32,7 +33,10 @@ commands:
 
 def _sft_help() -> str:
     lines = ["usage: megalora sft [CONFIG.yaml] [--key value ...] [--dry-run]", "",
-             "Every config key can be given as a flag; YAML sections group them:"]
+             "Every config key can be given as a flag; YAML sections group them. A YAML `ENV:` block sets",
+             "environment variables (NPROC_PER_NODE, ...) before launch; variables already set keep their value."]
+    spellings = {key: f" (ms-swift 4: --{alias})" for alias, key in SWIFT4_NAMES.items()}
+    spellings.update({key: f" (ms-swift 3: --{alias})" for alias, key in SWIFT3_NAMES.items()})
     for section in SECTIONS:
         lines.append(f"\n{section}:")
         for key, (sec, f) in FIELDS.items():
@@ -41,21 +45,52 @@ def _sft_help() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = f.metadata.get("choices")
             extra = f" {{{', '.join(str(c) for c in choices if c is not None)}}}" if choices else ""
+            also = spellings.get(key, "")
             doc = textwrap.fill(f.metadata["doc"], width=76, initial_indent=" " * 6, subsequent_indent=" " * 6)
-            lines.append(f"  --{key}{extra}  (default: {default})\n{doc}")
-    lines.append("\naccepted for compatibility and reported at start (no effect here): "
-                 + ", ".join(f"--{k}" for k in NOT_APPLICABLE))
+            lines.append(f"  --{key}{extra}  (default: {default}){also}\n{doc}")
+    lines.append("\nms-swift keys accepted and reported at start (no effect here):")
+    lines += [f"  --{k}: {why}" for k, why in REPORTED.items()]
+    lines.append("ms-swift keys refused (any value but the one named):")
+    for key, (allowed, why) in REFUSED.items():
+        ok = f" (accepted: {', '.join(str(a) for a in allowed)})" if allowed else ""
+        lines.append(f"  --{key}{ok}: {why}")
     lines.append("GPU fusions, applied when available and reported by name otherwise: "
                  + ", ".join(f"--{k}" for k in GPU_FUSIONS))
     lines.append("\n  --dry-run  validate config, parallel layout and data; print them; train nothing")
     return "\n".join(lines)
 
 
+def apply_env(env: dict) -> list[str]:
+    """Set a YAML `ENV:` block's variables; one already set in the environment keeps its value (said)."""
+    notes = []
+    for name, value in env.items():
+        if name in os.environ and os.environ[name] != value:
+            notes.append(f"ENV.{name}={value} from the YAML not applied: the environment already sets "
+                         f"{name}={os.environ[name]}")
+        else:
+            os.environ[name] = value
+    return notes
+
+
 def world_size_from_env() -> int:
-    """The world size a launch would have: WORLD_SIZE under torchrun, else NPROC_PER_NODE x NNODES."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    return int(os.environ.get("NPROC_PER_NODE", "1")) * int(os.environ.get("NNODES", "1"))
+    """The world size a launch would have (see `megalora.train.launch.launch_env`)."""
+    from megalora.train.launch import launch_env
+
+    return launch_env(dict(os.environ)).world_size
+
+
+def how_to_launch(argv: list[str]):
+    """For a layout that needs `n` ranks: the command line that launches them."""
+    import shlex
+
+    nnodes = os.environ.get("NNODES", "1")
+
+    def hint(n: int) -> str:
+        if nnodes not in ("", "1"):
+            return f"NPROC_PER_NODE x NNODES must be a multiple of {n}"
+        return f"NPROC_PER_NODE={n} megalora sft {shlex.join(argv)}".rstrip()
+
+    return hint
 
 
 def _split_config_path(argv: list[str]) -> tuple[str | None, list[str], bool]:
@@ -84,10 +119,16 @@ def cmd_sft(argv: list[str]) -> int:
         cfg, extras = load_config(config_path, flags)
     for w in caught:
         print(f"megalora: warning: {w.message}", file=sys.stderr)
+    for note in apply_env(extras.env):  # said here: after a relaunch the workers see the applied environment
+        print(f"megalora: {note}", flush=True)
+    from megalora.config import check_layout
     from megalora.dry_run import dry_run as run_dry
 
+    world_size = world_size_from_env()
+    # The layout's degrees need no model: a wrong rank count stops here, before any launch.
+    check_layout(cfg, world_size=world_size, how_to_launch=how_to_launch(argv))
     if dry_run:
-        return run_dry(cfg, extras, world_size=world_size_from_env())
+        return run_dry(cfg, extras, world_size=world_size)
     from megalora.train.launch import run_sft
 
     return run_sft(cfg, extras, config_path=config_path, argv=argv)
@@ -159,7 +200,8 @@ def cmd_plan(argv: list[str]) -> int:
     config_path, flags, _ = _split_config_path(rest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cfg, _ = load_config(config_path, flags)
+        cfg, extras = load_config(config_path, flags)
+    apply_env(extras.env)  # a YAML `ENV: {NPROC_PER_NODE: ...}` describes the launch being planned
     if num_gpus is None:
         launched = "WORLD_SIZE" in os.environ or "NPROC_PER_NODE" in os.environ
         num_gpus = world_size_from_env() if launched else 8

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 import warnings
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from megalora.swift_keys import ALIASES, REFUSED, REPORTED, SEE_ALSO, coerce_scalar, refusal
 
 
 class ConfigError(ValueError):
@@ -64,11 +67,16 @@ class DataSection:
     dataset_num_proc: int = _f(1, "Worker processes for tokenisation.")
     num_workers: int = _f(0, "DataLoader worker processes (0: batches are built in the training process).")
     data_seed: int = _f(42, "Seed for dataset sampling and per-epoch shuffling.")
+    system: Optional[str] = _f(None, "Default system prompt, put first in every conversation that has no system message.")
+    loss_scale: str = _f("default", "Which assistant tokens are trained: default (all of the trained turns), or "
+                         "ignore_empty_think (not the empty `<think>\\n\\n</think>\\n\\n` block of Qwen3 hybrid templates).",
+                         choices=("default", "ignore_empty_think"))
 
 
 @dataclass
 class LoraSection:
-    tuner_type: str = _f("lora", "Fine-tuning method. Only LoRA is offered.", choices=("lora",))
+    tuner_type: Optional[str] = _f(None, "Fine-tuning method: lora (also when not given; said at start). Full "
+                                   "fine-tuning and other tuners are refused.")
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
@@ -117,9 +125,8 @@ class TrainSection:
     recompute_method: Optional[str] = _f(None, "Which layers full recomputation covers.", choices=(None, "uniform", "block"))
     recompute_num_layers: Optional[int] = _f(None, "Layers per recompute chunk (uniform) or recomputed layers (block).")
     moe_aux_loss_coeff: float = _f(0.0, "Coefficient of the MoE load-balancing loss.")
-    finetune: bool = _f(True, "Start from the base weights (a new run), not a megatron checkpoint's iteration count.")
     eval_interval: Optional[int] = _f(None, "Evaluate every N steps (and at the end) when eval data exists.")
-    eval_iters: int = _f(10, "Micro-batches per evaluation.")
+    eval_iters: int = _f(10, "Micro-batches per evaluation; -1: the whole eval split (ms-swift's default); 0: no evaluation.")
     log_interval: int = _f(1, "Log every N steps.")
 
 
@@ -144,7 +151,6 @@ class LoggingSection:
 @dataclass
 class ExportSection:
     merge_lora: bool = _f(False, "At the end of training also write the merged HF safetensors export.")
-    save_safetensors: bool = _f(True, "Write exports as safetensors (the only format offered).")
     max_shard_size: str = _f("5GB", "Largest safetensors shard of an export.")
     push_to_hub: Optional[str] = _f(None, "Hub repository id to push the export to.")
     hub: str = _f("modelscope", "Hub to push to.", choices=("modelscope", "huggingface"))
@@ -170,15 +176,6 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
-# Flags of ms-swift's Megatron CLI that mean nothing different here. Each is accepted by
-# name and reported, never silently dropped. The value says why.
-NOT_APPLICABLE = {
-    "load_safetensors": "weights are always read straight from the HF safetensors",
-    "use_mcore_models": "megatron-core models are always used",
-    "no_save_rng_state": "alias of no_save_rng",
-    "template": "the model's own chat template (its tokenizer files) is always used; options go in enable_thinking / chat_template_kwargs",
-    "template_backend": "the model's own jinja chat template is always rendered",
-}
 # Flags that select a GPU fusion or kernel. Accepted; whether they apply is reported at
 # start-up by the model builder (on CPU none of them is available).
 GPU_FUSIONS = {
@@ -195,8 +192,10 @@ GPU_FUSIONS = {
 @dataclass
 class Extras:
     """Flags accepted for compatibility: reported, never silently ignored."""
-    not_applicable: dict = field(default_factory=dict)
+    not_applicable: dict = field(default_factory=dict)  # key -> value, for REPORTED keys
     gpu_fusions: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # further lines said at start
+    env: dict = field(default_factory=dict)  # a YAML `ENV:` block: variables set before launch
 
 
 def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -285,24 +284,65 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     raise AssertionError(f"unhandled type {tp} for {key}")
 
 
+# Keys that change the model's shape: suggested only for a near-exact typo, never for a key
+# that means something else (`mtp_num_layers` is not `num_layers`).
+_SHAPE_KEYS = {"num_layers"}
+
+
+def suggestions(key: str, *, n: int = 3) -> list[str]:
+    """Known keys close to `key`, best first, each once: shared words count before spelling. A name
+    another trainer uses for one of our keys (`max_steps`) names that key alone."""
+    if key in SEE_ALSO:
+        return [SEE_ALSO[key]]
+    known = dict.fromkeys([*FIELDS, *ALIASES, *REPORTED, *REFUSED, *GPU_FUSIONS, *SECTIONS])
+    words = set(key.split("_"))
+
+    def score(cand: str) -> tuple[float, float]:
+        shared = len(words & set(cand.split("_"))) / max(len(words | set(cand.split("_"))), 1)
+        return (shared + difflib.SequenceMatcher(None, key, cand).ratio(), shared)
+
+    ranked = []
+    for cand in known:
+        ratio = difflib.SequenceMatcher(None, key, cand).ratio()
+        if cand in _SHAPE_KEYS and ratio < 0.9:
+            continue
+        if ratio >= 0.6 or score(cand)[1] >= 0.5:
+            ranked.append(cand)
+    return sorted(ranked, key=score, reverse=True)[:n]
+
+
 def _unknown(key: str, where: str) -> ConfigError:
-    known = list(FIELDS) + list(NOT_APPLICABLE) + list(GPU_FUSIONS) + list(SECTIONS)
-    close = difflib.get_close_matches(key, known, n=3)
+    close = suggestions(key)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ConfigError(f"{where}: unknown key `{key}`{hint}")
 
 
 class ConfigBuilder:
-    """Collects values from YAML and flags, then builds a validated `Config`."""
+    """Collects values from YAML and flags, then builds a validated `Config`.
+
+    A key may be given in any of its spellings (`save` or ms-swift 4's `output_dir`); two
+    spellings of one key with different values in one YAML file or one command line are an
+    error, while flags override the YAML as usual."""
 
     def __init__(self):
         self.values: dict[str, Any] = {}
         self.extras = Extras()
+        self._spelt: dict[tuple[str, str], tuple[str, Any, str]] = {}  # (source, key) -> (spelling, value, where)
 
-    def set(self, key: str, value: Any, where: str) -> None:
+    def set(self, key: str, value: Any, where: str, *, source: str = "") -> None:
         key = key.replace("-", "_")
-        if key in NOT_APPLICABLE:
-            self.extras.not_applicable[key] = yaml.safe_load(value) if isinstance(value, str) else value
+        if key in ALIASES:
+            self._check_spelling(ALIASES[key], key, value, where, source)
+            self.set(ALIASES[key], value, where)
+            return
+        if key in REFUSED:
+            reason = refusal(key, value)
+            if reason is not None:
+                raise ConfigError(f"{where}: `{key}`={coerce_scalar(value)!r} is refused: {reason}")
+            self.extras.notes.append(f"--{key} {coerce_scalar(value)}: accepted (megalora's only behaviour)")
+            return
+        if key in REPORTED:
+            self.extras.not_applicable[key] = coerce_scalar(value)
             return
         if key in GPU_FUSIONS:
             default = GPU_FUSIONS[key]
@@ -312,7 +352,16 @@ class ConfigBuilder:
             return
         if key not in FIELDS:
             raise _unknown(key, where)
+        self._check_spelling(key, key, value, where, source)
         self.values[key] = _coerce(key, value, where)
+
+    def _check_spelling(self, key: str, spelling: str, value: Any, where: str, source: str) -> None:
+        if not source:
+            return
+        earlier = self._spelt.setdefault((source, key), (spelling, value, where))
+        if earlier[0] != spelling and _coerce(key, earlier[1], earlier[2]) != _coerce(key, value, where):
+            raise ConfigError(f"{where}: `{spelling}`={value!r} conflicts with `{earlier[0]}`={earlier[1]!r} "
+                              f"({earlier[2]}): both spell `{key}`; give one")
 
     def update_yaml(self, path: str | Path) -> None:
         path = Path(path)
@@ -324,14 +373,28 @@ class ConfigBuilder:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        source = str(path)
         for key, value in tree.items():
-            if key in SECTIONS and isinstance(value, dict):
+            if key == "ENV":
+                self._set_env(value, path)
+            elif key in SECTIONS and isinstance(value, dict):
                 for sub, sub_value in value.items():
                     if sub in FIELDS and FIELDS[sub][0] != key:
                         raise ConfigError(f"{path}: key `{sub}` belongs in section `{FIELDS[sub][0]}`, not `{key}`")
-                    self.set(sub, sub_value, f"{path}: {key}.{sub}")
+                    self.set(sub, sub_value, f"{path}: {key}.{sub}", source=source)
             else:
-                self.set(key, value, f"{path}: {key}")
+                self.set(key, value, f"{path}: {key}", source=source)
+
+    def _set_env(self, block: Any, path: Path) -> None:
+        """ms-swift's `ENV:` block: environment variables for the launch (NPROC_PER_NODE, ...)."""
+        if not isinstance(block, dict):
+            raise ConfigError(f"{path}: ENV: expected a mapping of environment variables, got {block!r}")
+        for name, value in block.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ConfigError(f"{path}: ENV.{name}: not an environment variable name")
+            if isinstance(value, (dict, list)) or value is None:
+                raise ConfigError(f"{path}: ENV.{name}: expected a string or number, got {value!r}")
+            self.extras.env[name] = str(value).lower() if isinstance(value, bool) else str(value)
 
     def update_flags(self, argv: list[str]) -> None:
         """Apply `--key value [value ...]` pairs. A bare `--flag` means true."""
@@ -354,10 +417,11 @@ class ConfigBuilder:
             norm = key.replace("-", "_")
             if not values:
                 values = ["true"]
-            if norm in FIELDS and _base_type(_annotation(norm))[0] is list:
-                self.set(norm, values, f"--{key}")
+            target = ALIASES.get(norm, norm)
+            if target in FIELDS and _base_type(_annotation(target))[0] is list:
+                self.set(norm, values, f"--{key}", source="command line")
             else:
-                self.set(norm, values if len(values) > 1 else values[0], f"--{key}")
+                self.set(norm, values if len(values) > 1 else values[0], f"--{key}", source="command line")
 
     def build(self) -> Config:
         sections = {name: {} for name in SECTIONS}
@@ -366,6 +430,9 @@ class ConfigBuilder:
         cfg = Config(**{name: _SECTION_TYPES[name](**kw) for name, kw in sections.items()})
         check_choices(cfg)
         check_static(cfg)
+        if cfg.lora.tuner_type is None:
+            self.extras.notes.insert(0, "tuner_type not given: LoRA is trained (base weights frozen); ms-swift's "
+                                        "Megatron default would be full fine-tuning, which megalora does not offer")
         return cfg
 
 
@@ -412,6 +479,9 @@ def check_static(cfg: Config) -> None:
                 "context_parallel_size", "expert_tensor_parallel_size"):
         if getattr(p, key) < 1:
             raise ConfigError(f"`{key}` must be >= 1; got {getattr(p, key)}")
+    if lora.tuner_type not in (None, "lora"):
+        raise ConfigError(f"`tuner_type`={lora.tuner_type} is refused: megalora trains LoRA only (base weights frozen); "
+                          "use --tuner_type lora")
     if p.pipeline_model_parallel_size > 1:
         raise ConfigError(f"`pipeline_model_parallel_size`={p.pipeline_model_parallel_size}: pipeline parallelism is not "
                           "supported yet; use tensor_model_parallel_size / expert_model_parallel_size")
@@ -427,6 +497,8 @@ def check_static(cfg: Config) -> None:
         section = FIELDS[key][0]
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"`{key}` must be >= 1; got {getattr(getattr(cfg, section), key)}")
+    if t.eval_iters < -1:
+        raise ConfigError(f"`eval_iters` must be -1 (whole eval split), 0 (no evaluation) or more; got {t.eval_iters}")
     if not 0.0 <= lora.lora_dropout < 1.0:
         raise ConfigError(f"`lora_dropout` must be in [0, 1); got {lora.lora_dropout}")
     if t.lr_warmup_fraction is not None and not 0.0 <= t.lr_warmup_fraction < 1.0:
@@ -455,14 +527,21 @@ class ModelShape:
     source: str = "model"
 
 
-def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = None) -> dict:
-    """Validate the parallel layout against the world size and the model. Returns the degrees."""
+def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = None, how_to_launch=None) -> dict:
+    """Validate the parallel layout against the world size and the model. Returns the degrees.
+
+    `how_to_launch(n)`, when given, is the command line that launches n ranks, added to the error
+    when the world size does not fit the layout."""
     p, t = cfg.parallel, cfg.train
     tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
-    if world_size % tp:
-        raise ConfigError(f"world size {world_size} is not divisible by `tensor_model_parallel_size`={tp}")
-    if world_size % ep:
-        raise ConfigError(f"world size {world_size} is not divisible by `expert_model_parallel_size`={ep}")
+    for key, degree in (("tensor_model_parallel_size", tp), ("expert_model_parallel_size", ep)):
+        if world_size % degree:
+            msg = f"world size {world_size} is not divisible by `{key}`={degree}"
+            if how_to_launch is not None:
+                need = math.lcm(tp, ep)
+                need *= -(-world_size // need)
+                msg += f"; launch {need} ranks: {how_to_launch(need)}"
+            raise ConfigError(msg)
     if shape is not None:
         if shape.num_experts and shape.num_experts % ep:
             raise ConfigError(f"`expert_model_parallel_size`={ep} does not divide the {shape.num_experts} experts of "

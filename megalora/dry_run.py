@@ -58,16 +58,19 @@ def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
 
 
 def describe_extras(extras: Extras, *, cuda: bool) -> list[str]:
-    lines = []
-    from megalora.config import NOT_APPLICABLE
+    """One line per accepted key that takes no effect (named, with why), the notes and the ENV block."""
+    from megalora.swift_keys import REPORTED
 
+    lines = list(extras.notes)
     for key, value in extras.not_applicable.items():
-        lines.append(f"--{key} {value}: not applicable ({NOT_APPLICABLE[key]})")
+        lines.append(f"--{key} {value}: not applicable ({REPORTED[key]})")
     for key, value in extras.gpu_fusions.items():
         if not cuda:
             lines.append(f"--{key} {value}: unavailable without CUDA; the CPU path is used")
         else:
             lines.append(f"--{key} {value}: requested; the GPU fast path reports at model build whether it applies")
+    if extras.env:
+        lines.append("ENV (from the YAML): " + " ".join(f"{k}={v}" for k, v in extras.env.items()))
     return lines
 
 
@@ -80,8 +83,25 @@ def format_layout(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def data_summary(cfg: Config, *, model_dir: Path, log=print) -> str:
-    """Read, validate and tokenise the data exactly as training would; counts and one sample."""
+def check_inputs(cfg: Config) -> None:
+    """What can fail before step 1 and needs no weights, besides layout and data: LoRA targets and the
+    folders named."""
+    from megalora.train.lora.apply import check_targets
+
+    try:
+        check_targets(cfg.lora)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
+        raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
+    if cfg.checkpoint.resume is not None:
+        from megalora.train.run_dir import resolve_resume
+
+        resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.save))
+
+
+def data_summary(cfg: Config, *, model_dir: Path, log=print):
+    """Read, validate and tokenise the data exactly as training would; (summary text, train, val)."""
     from transformers import AutoTokenizer
 
     from megalora.data.dataset import build_datasets
@@ -99,11 +119,40 @@ def data_summary(cfg: Config, *, model_dir: Path, log=print) -> str:
     parts = [summarize(train, tokenizer=tokenizer, max_length=cfg.data.max_length, packing=cfg.data.packing)]
     if val is not None:
         parts.append(summarize(val, max_length=cfg.data.max_length, packing=cfg.data.packing))
-    return "\n".join(parts)
+    return "\n".join(parts), train, val
 
 
-def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> int:
+def check_splits(cfg: Config, degrees: dict, *, vocab_size: int, splits: dict) -> list[str]:
+    """Each split against what launch builds from it: token ids inside the model's vocabulary, and at
+    least one optimizer step (train) or one micro-batch (val) on every data-parallel rank. The batch
+    loaders are the ones training builds, so the same numbers pass or fail. One line per split."""
+    from megalora.data.sampler import BatchLoader
+
+    lines = []
+    for name, ds in splits.items():
+        if ds is None:
+            continue
+        top = int(ds.data.input_ids.max()) if len(ds.data.input_ids) else -1
+        if top >= vocab_size:
+            raise ConfigError(f"data[{name}]: token id {top} is outside the model's vocabulary of {vocab_size}: "
+                              "the tokenizer does not belong to this model")
+        accumulation = degrees["grad_accum"] if name == "train" else 1
+        try:
+            loader = BatchLoader(ds, micro_batch_size=cfg.train.micro_batch_size, dp_size=degrees["dp"],
+                                 packing=cfg.data.packing, max_length=cfg.data.max_length, accumulation=accumulation)
+        except ValueError as e:
+            fix = ("raise split_dataset_ratio, give a larger val_dataset" if name == "val"
+                   else "give more data") + " or lower micro_batch_size"
+            raise ConfigError(f"data[{name}]: {e}; {fix}") from None
+        unit = "optimizer steps" if name == "train" else "micro-batches per rank"
+        lines.append(f"data[{name}]: {loader.batches_per_epoch // accumulation} {unit} per epoch")
+    return lines
+
+
+def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=None) -> int:
     import torch
+
+    out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
 
     from megalora.parallel.groups import layout
 
@@ -111,8 +160,9 @@ def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> 
         print(msg, file=out)
 
     model_dir = resolve_model_dir(cfg, log=log)
-    _, shape = read_model_shape(model_dir)
+    raw, shape = read_model_shape(model_dir)
     degrees = check_layout(cfg, world_size=world_size, shape=shape)
+    check_inputs(cfg)
     log("resolved config:")
     log(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     log("")
@@ -125,6 +175,9 @@ def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=sys.stdout) -> 
         log(line)
     if cfg.data.dataset:
         log("")
-        log(data_summary(cfg, model_dir=model_dir, log=log))
+        summary, train, val = data_summary(cfg, model_dir=model_dir, log=log)
+        log(summary)
+        for line in check_splits(cfg, degrees, vocab_size=int(raw["vocab_size"]), splits={"train": train, "val": val}):
+            log(line)
     log("dry run: ok (nothing was trained)")
     return 0

@@ -30,7 +30,7 @@ def test_eval_loss_and_accuracy_equal_transformers_on_the_held_out_split(train_a
     flags = ["--model", str(train_assets.model_dir), "--dataset", f"{train_assets.data_file}#40",
              "--split_dataset_ratio", "0.2", "--max_length", "512", "--micro_batch_size", "4",
              "--global_batch_size", "4", "--train_iters", "1", "--lr", "0", "--min_lr", "0", "--eval_interval", "1",
-             "--eval_iters", "100", "--save", str(tmp_path / "run")]
+             "--eval_iters", "-1", "--save", str(tmp_path / "run")]
     r = _run(flags)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
@@ -40,7 +40,7 @@ def test_eval_loss_and_accuracy_equal_transformers_on_the_held_out_split(train_a
     _, val = build_datasets(cfg.data, tokenizer, cache_dir=None, barrier=lambda: None, log=lambda *_: None)
     model = AutoModelForCausalLM.from_pretrained(train_assets.model_dir, dtype=torch.float32).eval()
     loss_sum, correct, count = 0.0, 0, 0
-    # The trainer evaluates whole micro-batches: len(val) // 4 of them.
+    # eval_iters -1: the trainer evaluates the whole split in whole micro-batches, len(val) // 4 of them.
     for i in range(len(val) // 4 * 4):
         ids, labels = (torch.as_tensor(x, dtype=torch.long) for x in val[i])
         with torch.no_grad():

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from megalora.train.launch import is_torchrun_worker, torchrun_command
+from megalora.train.launch import is_torchrun_worker, launch_env, torchrun_command
 from megalora.train.logging import Progress, make_sinks
 from megalora.train.run_dir import (commit_checkpoint, list_checkpoints, prune_checkpoints, resolve_resume,
                                     tmp_checkpoint_dir)
@@ -50,7 +50,7 @@ def test_checkpoints_are_atomic_pruned_and_resolved(tmp_path):
 
 def test_torchrun_relaunch_command():
     env = {"NPROC_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
-    cmd = torchrun_command(["configs/demo.yaml", "--lr", "1e-4"], env)
+    cmd = torchrun_command(["configs/demo.yaml", "--lr", "1e-4"], launch_env(env))
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=8" in cmd and "--nnodes=2" in cmd and "--node_rank=1" in cmd
     assert "--master_addr=10.0.0.1" in cmd and "--master_port=1234" in cmd

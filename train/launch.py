@@ -1,34 +1,115 @@
 """Where `megalora sft` runs: relaunch under torchrun, or train in this process.
 
-Like ms-swift, `sft` relaunches itself under torchrun when `NPROC_PER_NODE` (and
-`NNODES`, `NODE_RANK`, `MASTER_ADDR`, `MASTER_PORT`) are set and it is not already a
-torchrun worker. Under torchrun, or with none of those set, it trains here.
+Like ms-swift, `sft` relaunches itself under torchrun when `NPROC_PER_NODE` (and `NNODES`,
+`NODE_RANK`, `MASTER_ADDR`, `MASTER_PORT`) are set and it is not already a torchrun worker.
+Under torchrun, or with none of those set, it trains here.
+
+Launch environments understood (`launch_env`):
+- torchrun workers: `WORLD_SIZE` is the number of ranks.
+- ms-swift's variables: world = `NPROC_PER_NODE` x `NNODES`; `NODE_RANK` < `NNODES`; `MASTER_ADDR`
+  needed when `NNODES` > 1.
+- Alibaba Cloud DLC (and PyTorchJob) convention: `WORLD_SIZE` is the node count and `RANK` the node
+  rank; scripts pass `NNODES=$WORLD_SIZE NODE_RANK=$RANK`. `WORLD_SIZE` equal to `NNODES` is read
+  that way; one that is neither the node count nor the rank count is named as inconsistent.
+- SLURM: `SLURM_NNODES` / `SLURM_NODEID` stand in for `NNODES` / `NODE_RANK` when those are unset,
+  and must agree with them when both are set.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+
+from megalora.config import ConfigError
 
 
-def torchrun_command(argv: list[str], env: dict) -> list[str]:
-    nproc = env["NPROC_PER_NODE"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--nnodes={env.get('NNODES', '1')}", f"--node_rank={env.get('NODE_RANK', '0')}",
-           f"--master_addr={env.get('MASTER_ADDR', '127.0.0.1')}", f"--master_port={env.get('MASTER_PORT', '29500')}"]
-    return cmd + ["-m", "megalora", "sft", *argv]
+@dataclass(frozen=True)
+class LaunchEnv:
+    world_size: int
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: str
+    torchrun_worker: bool
+    relaunch: bool  # NPROC_PER_NODE set outside torchrun: `sft` starts torchrun itself
 
 
 def is_torchrun_worker(env: dict) -> bool:
     return "TORCHELASTIC_RUN_ID" in env or ("LOCAL_RANK" in env and "WORLD_SIZE" in env)
 
 
+def _int(env: dict, name: str, *, minimum: int) -> int | None:
+    if name not in env or env[name] == "":
+        return None
+    try:
+        value = int(env[name])
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"environment variable {name}={value} must be >= {minimum}")
+    return value
+
+
+def launch_env(env: dict) -> LaunchEnv:
+    """The launch these environment variables describe, or ConfigError naming the inconsistent one."""
+    addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500")
+    if is_torchrun_worker(env):
+        world = _int(env, "WORLD_SIZE", minimum=1)
+        return LaunchEnv(world, _int(env, "LOCAL_WORLD_SIZE", minimum=1) or world, _int(env, "GROUP_WORLD_SIZE", minimum=1) or 1,
+                         0, addr, port, torchrun_worker=True, relaunch=False)
+    nproc = _int(env, "NPROC_PER_NODE", minimum=1)
+    nnodes = _int(env, "NNODES", minimum=1)
+    node_rank = _int(env, "NODE_RANK", minimum=0)
+    for ours, slurm in (("NNODES", "SLURM_NNODES"), ("NODE_RANK", "SLURM_NODEID")):
+        value = _int(env, slurm, minimum=0)
+        mine = nnodes if ours == "NNODES" else node_rank
+        if value is not None and mine is not None and value != mine:
+            raise ConfigError(f"{ours}={mine} disagrees with SLURM's {slurm}={value}: drop {ours} or make them agree")
+        if value is not None and mine is None and nproc is not None:
+            if ours == "NNODES":
+                nnodes = value
+            else:
+                node_rank = value
+    world_env = _int(env, "WORLD_SIZE", minimum=1)
+    if nproc is None:
+        if nnodes not in (None, 1):
+            raise ConfigError(f"NNODES={nnodes} is set but NPROC_PER_NODE is not: set NPROC_PER_NODE (GPUs per node)")
+        world = world_env or 1
+        return LaunchEnv(world, world, 1, 0, addr, port, torchrun_worker=False, relaunch=False)
+    if nnodes is None:
+        if world_env not in (None, nproc):
+            raise ConfigError(f"WORLD_SIZE={world_env} is set but NNODES is not: under DLC-style launchers WORLD_SIZE "
+                              f"is the node count, so pass NNODES=$WORLD_SIZE NODE_RANK=$RANK (or unset WORLD_SIZE)")
+        nnodes = 1
+    world = nproc * nnodes
+    if world_env is not None and world_env not in (nnodes, world):
+        raise ConfigError(f"WORLD_SIZE={world_env} is neither the node count NNODES={nnodes} (DLC convention) nor "
+                          f"NPROC_PER_NODE x NNODES = {world}")
+    node_rank = 0 if node_rank is None else node_rank
+    if node_rank >= nnodes:
+        raise ConfigError(f"NODE_RANK={node_rank} must be below NNODES={nnodes}")
+    if nnodes > 1 and "MASTER_ADDR" not in env:
+        raise ConfigError(f"NNODES={nnodes} needs MASTER_ADDR (the address of node 0) on every node")
+    return LaunchEnv(world, nproc, nnodes, node_rank, addr, port, torchrun_worker=False, relaunch=True)
+
+
+def torchrun_command(argv: list[str], launch: LaunchEnv) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
+           f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
+           f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
+    return cmd + ["-m", "megalora", "sft", *argv]
+
+
 def run_sft(cfg, extras, *, config_path: str | None, argv: list[str]) -> int:
-    env = dict(os.environ)
-    if "NPROC_PER_NODE" in env and not is_torchrun_worker(env):
-        cmd = torchrun_command(argv, env)
+    launch = launch_env(dict(os.environ))
+    if launch.relaunch:
+        cmd = torchrun_command(argv, launch)
         print("megalora: launching " + " ".join(cmd[1:]), flush=True)
-        return subprocess.call(cmd)
+        # DLC sets WORLD_SIZE / RANK to node values; torchrun sets its own for each worker.
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
+        return subprocess.call(cmd, env=env)
     from megalora.train.recipe import train
 
     return train(cfg, extras)

@@ -103,12 +103,14 @@ class Trainer:
             self.rt.log(f"megalora: saved {path}")
 
     def evaluate(self) -> dict:
-        if self.val_loader is None:
+        eval_iters = self.cfg.train.eval_iters
+        if self.val_loader is None or eval_iters == 0:
             return {}
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         it = iter(self.val_loader)
-        for _ in range(min(self.cfg.train.eval_iters, self.val_loader.batches_per_epoch)):
+        whole = self.val_loader.batches_per_epoch
+        for _ in range(whole if eval_iters < 0 else min(eval_iters, whole)):
             loss, n, correct = eval_step(self.model, next(it), device=self.rt.device, packed=self.cfg.data.packing)
             sums += torch.tensor([loss, n, correct], dtype=torch.float64)
         self.val_loader.load_state_dict({"epoch": 0, "position": 0})

@@ -133,7 +133,7 @@ def train(cfg: Config, extras: Extras) -> int:
 def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     from transformers import AutoTokenizer
 
-    from megalora.dry_run import describe_extras, read_model_shape
+    from megalora.dry_run import check_inputs, describe_extras, read_model_shape
     from megalora.data.dataset import build_datasets
     from megalora.data.sampler import BatchLoader
     from megalora.train.loop import Trainer
@@ -146,8 +146,7 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
     for line in describe_extras(extras, cuda=torch.cuda.is_available()):
         rt.log(f"megalora: {line}")
-    if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
-        raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
+    check_inputs(cfg)
     run_dir = Path(cfg.checkpoint.save)
     if rt.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

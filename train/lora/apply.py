@@ -87,6 +87,11 @@ def _resolve_targets(target_modules: Any) -> set[str]:
     return chosen
 
 
+def check_targets(lora_cfg: Any) -> None:
+    """Raise ValueError naming a bad `target_modules` entry or `target_regex` (needs no model)."""
+    _Selector(lora_cfg)
+
+
 class _Selector:
     def __init__(self, cfg: Any) -> None:
         self.targets = _resolve_targets(cfg.target_modules)
@@ -166,7 +171,7 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
     `expert_impl` is `grouped` or `loop` for the routed experts. Returns a `LoraReport`
     (printed on rank 0 when `verbose`). Raises ValueError when nothing matches.
     """
-    if getattr(lora_cfg, "tuner_type", "lora") != "lora":
+    if getattr(lora_cfg, "tuner_type", None) not in (None, "lora"):  # None: not given, LoRA (said at start)
         raise ValueError(f"lora.tuner_type={lora_cfg.tuner_type!r}: only 'lora' is offered")
     if any(isinstance(m, (LoraLinear, LoraExperts)) or hasattr(m, "gate_lora") or hasattr(m, "lora")
            for m in model.modules()):
