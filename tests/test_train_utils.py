@@ -79,6 +79,9 @@ def test_metrics_jsonl_on_rank0_only(tmp_path, capsys):
 
 def test_wandb_offline_run_records_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
+    # wandb's own start-up waits (30 s and 90 s by default) are short for a loaded machine.
+    monkeypatch.setenv("WANDB__SERVICE_WAIT", "600")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "600")
     sinks = make_sinks(rank=0, run_dir=tmp_path, report_to="wandb", wandb_project="p", wandb_mode="offline",
                        wandb_name="t", config={"lora_rank": 8})
     sinks.log(1, {"loss": 2.5, "grad_norm_probe": 0.125})
