@@ -54,8 +54,8 @@ def _sft_help() -> str:
     for key, (allowed, why) in REFUSED.items():
         ok = f" (accepted: {', '.join(str(a) for a in allowed)})" if allowed else ""
         lines.append(f"  --{key}{ok}: {why}")
-    lines.append("GPU fusions, applied when available and reported by name otherwise: "
-                 + ", ".join(f"--{k}" for k in GPU_FUSIONS))
+    lines.append("Fused-kernel flags accepted and reported at start with what runs instead:")
+    lines += [f"  --{k}: {why}" for k, (_, why) in GPU_FUSIONS.items()]
     lines.append("\n  --dry-run  validate config, parallel layout and data; print them; train nothing")
     return "\n".join(lines)
 

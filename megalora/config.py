@@ -39,6 +39,9 @@ class ModelSection:
     torch_dtype: str = _f("auto", "Dtype of the frozen base weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
                           choices=("auto", "float32", "bfloat16", "float16", "float64"))
     num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on few GPUs).")
+    moe_grouped_gemm: bool = _f(True, "Routed experts as grouped matrix products over stacked expert weights, base and LoRA "
+                                "together (torch._grouped_mm on CUDA bf16 Hopper and on CPU; a padded bmm otherwise). "
+                                "false: megatron's loop over experts (SequentialMLP), the slow reference.")
 
 
 @dataclass
@@ -176,16 +179,16 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
-# Flags that select a GPU fusion or kernel. Accepted; whether they apply is reported at
-# start-up by the model builder (on CPU none of them is available).
+# ms-swift / megatron flags that name a fused kernel this build does not have. Accepted, and
+# each is reported at start with what runs instead (never silently ignored).
 GPU_FUSIONS = {
-    "moe_permute_fusion": False,
-    "moe_grouped_gemm": True,
-    "moe_shared_expert_overlap": False,
-    "cross_entropy_loss_fusion": False,
-    "attention_backend": "auto",
-    "bias_swiglu_fusion": False,
-    "gradient_accumulation_fusion": False,
+    "moe_permute_fusion": (False, "megatron's fused permute needs Transformer Engine; its torch permute/unpermute runs"),
+    "moe_shared_expert_overlap": (False, "the shared expert runs after the token dispatch, not overlapped with it"),
+    "cross_entropy_loss_fusion": (False, "megatron's unfused vocab-parallel cross entropy runs (the same loss)"),
+    "attention_backend": ("auto", "attention runs through torch's scaled_dot_product_attention, which picks its own "
+                                  "kernel (flash on CUDA where the shapes allow); packed batches through the varlen path"),
+    "bias_swiglu_fusion": (False, "Qwen layers have no biases; SwiGLU runs as torch silu(gate) * up"),
+    "gradient_accumulation_fusion": (False, "base weights are frozen: there is no weight-gradient accumulation to fuse"),
 }
 
 
@@ -345,7 +348,7 @@ class ConfigBuilder:
             self.extras.not_applicable[key] = coerce_scalar(value)
             return
         if key in GPU_FUSIONS:
-            default = GPU_FUSIONS[key]
+            default = GPU_FUSIONS[key][0]
             if isinstance(default, bool):
                 value = _coerce_bool(key, value, where)
             self.extras.gpu_fusions[key] = value

@@ -57,18 +57,16 @@ def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
     return spec.raw, shape
 
 
-def describe_extras(extras: Extras, *, cuda: bool) -> list[str]:
+def describe_extras(extras: Extras) -> list[str]:
     """One line per accepted key that takes no effect (named, with why), the notes and the ENV block."""
+    from megalora.config import GPU_FUSIONS
     from megalora.swift_keys import REPORTED
 
     lines = list(extras.notes)
     for key, value in extras.not_applicable.items():
         lines.append(f"--{key} {value}: not applicable ({REPORTED[key]})")
     for key, value in extras.gpu_fusions.items():
-        if not cuda:
-            lines.append(f"--{key} {value}: unavailable without CUDA; the CPU path is used")
-        else:
-            lines.append(f"--{key} {value}: requested; the GPU fast path reports at model build whether it applies")
+        lines.append(f"--{key} {value}: accepted, nothing to apply ({GPU_FUSIONS[key][1]})")
     if extras.env:
         lines.append("ENV (from the YAML): " + " ".join(f"{k}={v}" for k, v in extras.env.items()))
     return lines
@@ -171,7 +169,7 @@ def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=None) -> int:
         f"expert-DP {degrees['expert_dp']}; sequence_parallel={cfg.parallel.sequence_parallel}; "
         f"gradient accumulation {degrees['grad_accum']}")
     log(format_layout(layout(world_size, tp=degrees["tp"], ep=degrees["ep"], num_experts=shape.num_experts)))
-    for line in describe_extras(extras, cuda=torch.cuda.is_available()):
+    for line in describe_extras(extras):
         log(line)
     if cfg.data.dataset:
         log("")

@@ -69,7 +69,7 @@ def test_eight_gpu_recipe_passes_dry_run_with_local_model_and_data(demo_assets):
     assert "layout: world 8 = TP 1 x DP 8; experts: EP 4 x expert-DP 2" in r.stdout
     assert "`sequence_parallel` has no effect with tensor_model_parallel_size=1" in r.stderr
     assert "--load_safetensors True: not applicable" in r.stdout
-    assert "--moe_permute_fusion True: unavailable without CUDA" in r.stdout
+    assert "--moe_permute_fusion True: accepted, nothing to apply" in r.stdout
     assert "data[train]: 150 rows read, 150 kept" in r.stdout
     assert not (ROOT / "megatron_output").exists()
 
@@ -333,7 +333,7 @@ def test_ms_swift_4_qwen3_next_script_passes_dry_run(demo_assets, tmp_path, monk
     assert "layout: world 8 = TP 1 x DP 8; experts: EP 4 x expert-DP 2" in out
     for line in ("--mtp_num_layers 1: not applicable", "--padding_free True: not applicable",
                  "--masked_softmax_fusion False: not applicable", "--finetune True: not applicable",
-                 "--save_safetensors True: not applicable", "--moe_permute_fusion True: unavailable without CUDA"):
+                 "--save_safetensors True: not applicable", "--moe_permute_fusion True: accepted, nothing to apply"):
         assert line in out
     assert "tuner_type not given" not in out
     assert "data[val]: 8 rows read" in out and "data[val]: 1 micro-batches per rank per epoch" in out

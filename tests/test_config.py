@@ -48,9 +48,9 @@ def test_recipe_flags_are_understood_or_reported():
     assert cfg.checkpoint.no_save_optim and cfg.checkpoint.no_save_rng
     assert cfg.data.model_author == ["swift"] and cfg.data.model_name == ["swift-robot"]
     assert extras.not_applicable == {"load_safetensors": True, "save_safetensors": True, "finetune": True}
-    assert extras.gpu_fusions == {"moe_permute_fusion": True, "moe_grouped_gemm": True,
-                                  "moe_shared_expert_overlap": True, "cross_entropy_loss_fusion": True,
-                                  "attention_backend": "flash"}
+    assert extras.gpu_fusions == {"moe_permute_fusion": True, "moe_shared_expert_overlap": True,
+                                  "cross_entropy_loss_fusion": True, "attention_backend": "flash"}
+    assert cfg.model.moe_grouped_gemm is True  # a real key: grouped experts (false: the loop reference)
     assert check_layout(cfg, world_size=8)["grad_accum"] == 1
 
 
@@ -184,9 +184,19 @@ def test_reported_keys_are_named_with_their_reason():
 
     flags = [x for key in REPORTED for x in (f"--{key}", "false")]
     _, extras = load_config(None, flags)
-    lines = describe_extras(extras, cuda=False)
+    lines = describe_extras(extras)
     for key, reason in REPORTED.items():
         assert f"--{key} False: not applicable ({reason})" in lines
+
+
+def test_fused_kernel_keys_say_what_runs_instead():
+    from megalora.config import GPU_FUSIONS
+    from megalora.dry_run import describe_extras
+
+    _, extras = load_config(None, [x for key in GPU_FUSIONS for x in (f"--{key}", "true")])
+    lines = describe_extras(extras)
+    for key, (_, what_runs) in GPU_FUSIONS.items():
+        assert f"--{key} {'true' if key == 'attention_backend' else True}: accepted, nothing to apply ({what_runs})" in lines
 
 
 @pytest.mark.parametrize("key", sorted(REFUSED))
@@ -309,10 +319,11 @@ def test_readme_table_names_every_ms_swift_key_we_know():
     from megalora.config import GPU_FUSIONS
 
     text = (ROOT / "README.md").read_text()
-    table = text[text.index("### ms-swift scripts"):]
+    table = text[text.index("## ms-swift scripts"):]
     table = table[:table.index("\n## ")]
     ours_only = {"num_layers", "strict", "loss_on", "lora_dtype", "exclude_modules", "lora_per_projection", "resume",
-                 "wandb_mode", "max_shard_size", "hub", "hub_private", "commit_message"}
+                 "wandb_mode", "max_shard_size", "hub", "hub_private", "commit_message", "template_mode",
+                 "chat_template_kwargs", "dump_encoded"}
     keys = set(ALIASES) | set(REPORTED) | set(REFUSED) | set(GPU_FUSIONS) | (set(FIELDS) - ours_only)
     missing = sorted(k for k in keys if f"`{k}`" not in table)
     assert not missing, missing

@@ -144,7 +144,7 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     model_dir = resolve_inputs(cfg, rt)
     _, shape = read_model_shape(model_dir)
     degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
-    for line in describe_extras(extras, cuda=torch.cuda.is_available()):
+    for line in describe_extras(extras):
         rt.log(f"megalora: {line}")
     check_inputs(cfg)
     run_dir = Path(cfg.checkpoint.save)
@@ -180,7 +180,8 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
         overrides.pop("moe_token_dispatcher_type")
         overrides.pop("moe_aux_loss_coeff")
     model, info = build_model(model_dir, dtype=_dtype(cfg), num_layers=cfg.model.num_layers,
-                              sequence_parallel=cfg.parallel.sequence_parallel, **overrides)
+                              sequence_parallel=cfg.parallel.sequence_parallel,
+                              experts="grouped" if cfg.model.moe_grouped_gemm else "sequential", **overrides)
     if info.load is not None and info.load.quantization is not None:
         dtype = str(_dtype(cfg)).removeprefix("torch.")
         rt.log(f"megalora: {model_dir} holds {info.load.quantization.describe()} weights: "
