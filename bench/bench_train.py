@@ -14,7 +14,9 @@ other side idles meanwhile), so background load on a shared machine hits both al
 
 Every sample is one long chat cut to `--seq` tokens (`truncation_strategy=right`), so every
 micro-batch is `micro x seq` tokens with no padding. tokens/s counts all tokens of the steps
-after the first `--warmup` ones, over the time of forward, backward and optimizer step.
+after the first `--warmup` ones, over the time of forward, backward and optimizer step. Each side
+also reports tokens per CPU-second of its own process over the same steps: on a machine that other
+work keeps busy, the wall clock of both sides stretches with that load, the CPU time much less.
 """
 from __future__ import annotations
 
@@ -170,6 +172,9 @@ def child_megalora(work: Path, flags: list[str], turns: Turns) -> dict:
 
     real_sinks = loop.make_sinks
 
+    cpu_seconds: list[float] = []
+    mark = [0.0]
+
     class TurnSink:
         """The loop logs each step after measuring its time: the turn hand-over goes there."""
 
@@ -177,9 +182,11 @@ def child_megalora(work: Path, flags: list[str], turns: Turns) -> dict:
             self.inner = inner
 
         def log(self, step: int, metrics: dict) -> None:
+            cpu_seconds.append(time.process_time() - mark[0])
             self.inner.log(step, metrics)
             turns.done()
             turns.wait()
+            mark[0] = time.process_time()
 
         def close(self) -> None:
             self.inner.close()
@@ -188,6 +195,7 @@ def child_megalora(work: Path, flags: list[str], turns: Turns) -> dict:
         sink = TurnSink(real_sinks(**kw))
         turns.done()  # set up: the sinks are made just before the first step
         turns.wait()
+        mark[0] = time.process_time()
         return sink
 
     loop.train_step, lora_apply.apply_lora, loop.make_sinks = step_spy, apply_spy, sinks_spy
@@ -197,7 +205,7 @@ def child_megalora(work: Path, flags: list[str], turns: Turns) -> dict:
     report = reports[0]
     return dict(rc=code, digests=digests, losses=[r["loss"] for r in rows],
                 tokens_per_s=[r["tokens_per_s"] for r in rows],
-                tokens_per_step=step_tokens,
+                cpu_seconds=cpu_seconds, tokens_per_step=step_tokens,
                 trainable=report.total_trainable, adapted_base=sum(report.frozen.values()),
                 trainable_by_kind=dict(report.trainable), max_rss_mib=_max_rss_mib())
 
@@ -280,11 +288,11 @@ def child_peer(work: Path, flags: list[str], turns: Turns) -> dict:
                                   weight_decay=t.weight_decay)
     model.train()
     batches = iter(loader)
-    digests, losses, tokens_per_s, tokens_per_step = [], [], [], []
+    digests, losses, tokens_per_s, tokens_per_step, cpu_seconds = [], [], [], [], []
     turns.done()  # set up
     for _ in range(t.train_iters):
         turns.wait()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         micro = [next(batches) for _ in range(accum)]
         global_tokens = float(sum(int(b["num_trained_tokens"]) for b in micro))
         optimizer.zero_grad(set_to_none=True)
@@ -301,6 +309,7 @@ def child_peer(work: Path, flags: list[str], turns: Turns) -> dict:
             torch.nn.utils.clip_grad_norm_(params, t.clip_grad)
         optimizer.step()
         elapsed = time.perf_counter() - t0
+        cpu_seconds.append(time.process_time() - c0)
         digests.append(_batch_digest(micro))
         losses.append(loss_sum / global_tokens)
         tokens_per_s.append(tokens / max(elapsed, 1e-9))
@@ -308,6 +317,7 @@ def child_peer(work: Path, flags: list[str], turns: Turns) -> dict:
         turns.done()
     turns.wait()  # released after the other side's last step
     return dict(rc=0, digests=digests, losses=losses, tokens_per_s=tokens_per_s, tokens_per_step=tokens_per_step,
+                cpu_seconds=cpu_seconds,
                 trainable=trainable, adapted_base=adapted_base, max_rss_mib=_max_rss_mib())
 
 
@@ -376,6 +386,12 @@ def steady_tokens_per_s(result: dict, warmup: int) -> float:
     return sum(toks) / sum(n / r for n, r in zip(toks, tps))
 
 
+def cpu_tokens_per_s(result: dict, warmup: int) -> float:
+    """Tokens per CPU-second of the side's own process (all its threads) after warmup: what the work
+    costs, little moved by other processes' load, unlike the wall clock."""
+    return sum(result["tokens_per_step"][warmup:]) / sum(result["cpu_seconds"][warmup:])
+
+
 def median_step_tokens_per_s(result: dict, warmup: int) -> float:
     """Median of the per-step rates after warmup (less sensitive to other load on a shared machine)."""
     return float(statistics.median(result["tokens_per_s"][warmup:]))
@@ -389,6 +405,7 @@ def print_report(mega: dict, peer: dict, *, steps: int, warmup: int) -> bool:
     med = {name: median_step_tokens_per_s(r, warmup) for name, r in rows}
     # Other load only ever slows a step down, so the fastest step is the least disturbed one.
     best = {name: max(r["tokens_per_s"][warmup:]) for name, r in rows}
+    cpu = {name: cpu_tokens_per_s(r, warmup) for name, r in rows}
     print()
     print(f"{'side':<20}{'tokens/s':>10}{'median step':>13}{'best step':>11}{'peak RSS MiB':>14}{'trainable':>12}"
           f"{'adapted base':>14}{'loss first':>12}{'loss last':>11}")
@@ -398,7 +415,8 @@ def print_report(mega: dict, peer: dict, *, steps: int, warmup: int) -> bool:
     peer_name = "transformers+peft"
     print(f"ratio megalora/peer: tokens/s {tps['megalora'] / tps[peer_name]:.2f}x (median step "
           f"{med['megalora'] / med[peer_name]:.2f}x, best step {best['megalora'] / best[peer_name]:.2f}x), "
-          f"peak RSS {mega['max_rss_mib'] / peer['max_rss_mib']:.2f}x")
+          f"tokens per CPU-second {cpu['megalora'] / cpu[peer_name]:.2f}x "
+          f"({cpu['megalora']:.0f} vs {cpu[peer_name]:.0f}), peak RSS {mega['max_rss_mib'] / peer['max_rss_mib']:.2f}x")
     for name, r in rows:
         print(f"{name} per-step tokens/s: {' '.join(f'{x:.0f}' for x in r['tokens_per_s'])}")
     # LoRA B starts at zero on both sides, so the first loss is the base model's on the same batch.
