@@ -368,6 +368,12 @@ def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None =
     fields = {f.name for f in dataclasses.fields(LoraSection)}
     section = LoraSection(**{k: v for k, v in (meta["config"].get("lora") or {}).items() if k in fields})
     apply_lora(model, section, expert_impl="loop", verbose=False)
+    if section.lora_per_projection:
+        # The checkpoint holds one adapter per HF projection inside fused layers (stacked A's).
+        from megalora.train.lora.options import LoraOptions
+        from megalora.train.lora.per_projection import split_fused_adapters
+
+        split_fused_adapters(model, hf_spec=info.spec, lora_options=LoraOptions.from_section(section), seed=0)
     layout = lora_layout(model)
     full = load_file(str(ckpt / "adapter_model.safetensors"))
     params = dict(model.named_parameters())

@@ -62,3 +62,7 @@ def test_per_projection_adapters_stay_independent_and_match_peft(train_assets, t
     assert verify.stdout.strip().splitlines()[-1].endswith("status=ok")
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == RANK
+    # The merged export of the same checkpoint (its own verify compares it with the unmerged model).
+    merged = _megalora(["export", str(run / "checkpoint-3"), "--out", str(tmp_path / "merged"), "--merge"])
+    assert merged.stdout.strip().splitlines()[-1].startswith("verify: ")
+    assert "status=ok" in merged.stdout.strip().splitlines()[-1], merged.stdout[-2000:]
