@@ -220,7 +220,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
                       max_shard_size: str | int = "5GB", verify: bool = True, verify_num_layers: int | None = None,
                       push_to_hub: str | None = None, hub: str = "modelscope", token: str | None = None,
                       private: bool = True, commit_message: str = DEFAULT_COMMIT_MESSAGE,
-                      hub_endpoint: str | None = None, log: Callable[[str], None] = print) -> Path:
+                      hub_endpoint: str | None = None, hub_timeout: float = 60.0,
+                      log: Callable[[str], None] = print) -> Path:
     """Export `checkpoint_dir` (a `checkpoint-<step>/` folder) to `out_dir`; returns `out_dir`.
 
     `mode="merge"` writes the base model with LoRA merged as HF safetensors shards of at
@@ -252,7 +253,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
         from megalora.export.push import push_folder
 
         push_folder(out, push_to_hub, hub=hub, token=token, private=private, commit_message=commit_message,
-                    endpoint=hub_endpoint, log=log)
+                    endpoint=hub_endpoint, timeout_s=hub_timeout, log=log)
     _barrier()
     return out
 

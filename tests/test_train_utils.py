@@ -57,6 +57,10 @@ def test_torchrun_relaunch_command():
     assert cmd[-5:] == ["megalora", "sft", "configs/demo.yaml", "--lr", "1e-4"]
     assert not is_torchrun_worker(env)
     assert is_torchrun_worker({**env, "TORCHELASTIC_RUN_ID": "x"})
+    # One node without MASTER_PORT: a free port (standalone rendezvous), not a fixed default.
+    single = torchrun_command(["--lr", "1e-4"], {"NPROC_PER_NODE": "2"})
+    assert "--standalone" in single and not any(a.startswith("--master_port") for a in single)
+    assert "--standalone" not in torchrun_command([], {"NPROC_PER_NODE": "2", "MASTER_PORT": "1234"})
 
 
 def test_metrics_jsonl_on_rank0_only(tmp_path, capsys):

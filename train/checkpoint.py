@@ -3,11 +3,12 @@
 LoRA weights and AdamW moments are stored at full (unsharded) shape, gathered with the
 LoRA layout plan, so any layout can shard them again on resume. RNG states are stored
 per rank and restored only when the layout is the same (they mean nothing elsewhere).
+Nothing here is pickled: a run folder is data, and loading it never runs code from it.
 
     checkpoint-<step>/
       adapter_model.safetensors   full-shape LoRA tensors, megatron names
       optimizer.safetensors       exp_avg.<name>, exp_avg_sq.<name> (unless no_save_optim)
-      rng/rank-<r>.pt             torch / numpy / python RNG (unless no_save_rng)
+      rng/rank-<r>.safetensors    torch / numpy / python RNG as tensors (unless no_save_rng)
       meta.json                   step, schedule, data loader position, layout, base model, config
 """
 from __future__ import annotations
@@ -78,9 +79,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
     _barrier()
     if save_rng:
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   tmp / "rng" / f"rank-{rank}.pt")
+        save_rng_state(tmp / "rng" / f"rank-{rank}.safetensors")
     final = None
     if rank == 0:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
@@ -126,17 +125,42 @@ def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], sam
     else:
         log(f"megalora: {path} has no optimizer state (no_save_optim); AdamW moments start from zero")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = path / "rng" / f"rank-{rank}.pt"
+    rng_file = path / "rng" / f"rank-{rank}.safetensors"
     if meta.get("has_rng") and same_layout and rng_file.is_file():
-        state = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        if state.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        load_rng_state(rng_file)
+    elif meta.get("has_rng") and same_layout:
+        log(f"megalora: {rng_file} is missing; RNG states are not restored (they only matter for dropout)")
     elif meta.get("has_rng") and not same_layout:
         log("megalora: resuming on a different layout; RNG states are not restored (they only matter for dropout)")
     return meta
+
+
+def save_rng_state(path: Path) -> None:
+    """torch, numpy, python (and CUDA) RNG states as tensors plus JSON metadata."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "python": torch.tensor(words, dtype=torch.int64)}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    meta = {"numpy": json.dumps([kind, pos, has_gauss, cached]), "python": json.dumps([version, gauss_next])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_rng_state(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    kind, pos, has_gauss, cached = json.loads(meta["numpy"])
+    version, gauss_next = json.loads(meta["python"])
+    torch.set_rng_state(tensors["torch"])
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate((version, tuple(int(w) for w in tensors["python"].tolist()), gauss_next))
+    cuda = [tensors[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _barrier() -> None:

@@ -221,4 +221,4 @@ def export_final(cfg: Config, checkpoint: Path, rt: Runtime) -> None:
     rt.log(f"megalora: merge_lora: writing the merged model to {out}")
     export_checkpoint(checkpoint, out, mode="merge", max_shard_size=e.max_shard_size, push_to_hub=e.push_to_hub,
                       hub=e.hub, token=e.hub_token, private=e.hub_private, commit_message=e.commit_message,
-                      log=rt.log)
+                      hub_timeout=e.hub_timeout, log=rt.log)
