@@ -120,6 +120,8 @@ class CheckpointSection:
     resume: Optional[str] = _f(None, "Resume from a checkpoint folder, or `latest` in the run folder.")
     no_save_optim: bool = _f(False, "Do not save optimizer and scheduler state.")
     no_save_rng: bool = _f(False, "Do not save RNG state.")
+    stop_grace_period: float = _f(600.0, "Seconds `megalora sft` waits, after SIGTERM/SIGINT, for the ranks to finish their step and save before it kills them; size it above one step plus one save.")
+    allow_base_model_change: bool = _f(False, "Resume (or export) although the base model's weights differ from the ones the checkpoint was trained on.")
 
 
 @dataclass

@@ -9,12 +9,15 @@ Nothing here is pickled: a run folder is data, and loading it never runs code fr
       adapter_model.safetensors   full-shape LoRA tensors, megatron names
       optimizer.safetensors       exp_avg.<name>, exp_avg_sq.<name> (unless no_save_optim)
       rng/rank-<r>.safetensors    torch / numpy / python RNG as tensors (unless no_save_rng)
-      meta.json                   step, schedule, data loader position, layout, base model, config
+      meta.json                   step, schedule, data loader position, layout, base model, config,
+                                  run id, save time, sha256 of every other file (checked on resume)
 """
 from __future__ import annotations
 
 import json
 import random
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from megalora.train.lora.layout import gather_lora_state, shard_lora_state
-from megalora.train.run_dir import commit_checkpoint, tmp_checkpoint_dir, write_json
+from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
 
 FORMAT_VERSION = 1
 
@@ -74,32 +77,64 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
         moment_layout = {f"{m}.{n}": layout[n] for n in named for m in ("exp_avg", "exp_avg_sq")}
         moments = _gather_full(local, moment_layout)
     tmp = tmp_checkpoint_dir(run_dir, step)
-    if rank == 0:
+    last_good = read_latest(run_dir)
+
+    def write_rank0_dir() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    if save_rng:
         (tmp / "rng").mkdir(exist_ok=True)
+
+    def write_rng() -> None:
         save_rng_state(tmp / "rng" / f"rank-{rank}.safetensors")
-    final = None
-    if rank == 0:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "adapter_model.safetensors"))
+
+    def write_shared() -> None:
+        _save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "adapter_model.safetensors")
         if moments:
-            save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
+            _save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
         opt_steps = {n: int(optimizer.state[p]["step"]) for n, p in named.items()
                      if save_optim and "step" in optimizer.state.get(p, {})}
         write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION, "step": step,
                                        "optimizer_steps": opt_steps, "has_optimizer": bool(moments),
-                                       "has_rng": save_rng, "lora_layout": layout})
-    _barrier()
-    if rank == 0:
-        final = commit_checkpoint(run_dir, step)
+                                       "has_rng": save_rng, "lora_layout": layout, "saved_at": time.time(),
+                                       "checksums": file_checksums(tmp)})
+
+    # Each phase ends with every rank learning whether any rank failed, so a full disk or a
+    # read-only folder stops all ranks with the same one line instead of hanging the others.
+    _agreed(write_rank0_dir if rank == 0 else None, tmp=tmp, last_good=last_good)
+    _agreed(write_rng if save_rng else None, tmp=tmp, last_good=last_good)
+    _agreed(write_shared if rank == 0 else None, tmp=tmp, last_good=last_good)
+    # Complete on every rank: only now may `latest` name it.
+    final = commit_checkpoint(run_dir, step) if rank == 0 else None
     _barrier()
     return final
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, permission denied); every rank raises it."""
+
+
+def _agreed(write, *, tmp: Path, last_good: Path | None) -> None:
+    """Run this rank's `write` (if any), then share failures: every rank raises the first one."""
+    error = None
+    if write is not None:
+        try:
+            write()
+        except OSError as e:
+            error = f"cannot write checkpoint {tmp.name.removeprefix('.tmp-')}: {e.filename or tmp}: {e.strerror or e}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was completed"
+        raise CheckpointWriteError(f"{error}; {where} (free space or fix permissions, then --resume latest)")
+
+
 def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], same_layout: bool,
                     log=print) -> dict:
-    """Load this rank's shards of the LoRA weights (and optimizer, RNG) from `path`; returns meta."""
+    """Load this rank's shards of the LoRA weights (and optimizer, RNG) from `path` (verified by
+    `run_dir.verify_checkpoint` first); returns meta."""
     meta = json.loads((path / "meta.json").read_text())
     coords = _coords()
     shard_kw = dict(tp_rank=coords["tp_rank"], tp_size=coords["tp_size"], ep_rank=coords["ep_rank"],
@@ -144,7 +179,17 @@ def save_rng_state(path: Path) -> None:
     if torch.cuda.is_available():
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     meta = {"numpy": json.dumps([kind, pos, has_gauss, cached]), "python": json.dumps([version, gauss_next])}
-    save_file(tensors, str(path), metadata=meta)
+    _save_file(tensors, path, metadata=meta)
+
+
+def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O errors raised as OSError naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(0, str(e).strip().splitlines()[-1], str(path)) from None
 
 
 def load_rng_state(path: Path) -> None:

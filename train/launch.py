@@ -8,8 +8,10 @@ secrets (`--hub_token`) reach the ranks through the environment, never their com
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 
 def torchrun_command(argv: list[str], env: dict) -> list[str]:
@@ -41,7 +43,59 @@ def run_sft(cfg, extras, *, config_path: str | None, argv: list[str]) -> int:
             env[HUBS[cfg.export.hub]] = secrets["hub_token"]
         cmd = torchrun_command(argv, env)
         print("megalora: launching " + " ".join(cmd[1:]), flush=True)
-        return subprocess.call(cmd, env=env)
+        return run_job(cmd, env=env, grace_s=cfg.checkpoint.stop_grace_period)
     from megalora.train.recipe import train
 
+    if is_torchrun_worker(env):
+        from megalora.train.signals import die_with_parent
+
+        die_with_parent()
     return train(cfg, extras)
+
+
+def run_job(cmd: list[str], *, env: dict, grace_s: float) -> int:
+    """Run torchrun and wait for it. SIGTERM/SIGINT here go straight to its ranks (torchrun itself
+    would kill them 30 s later): they finish the step, save and exit, and this waits for that up
+    to `grace_s` seconds (or a second signal) before killing the job. torchrun gets a parent-death
+    signal, and its ranks one from it, so nothing outlives this process."""
+    from megalora.train.signals import child_pids, die_with_parent
+
+    # Its own session: a terminal's Ctrl-C or a process-group kill reaches only this process,
+    # which forwards it once, in order.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    stop_at: list[float] = []
+
+    def kill_job() -> None:
+        for pid in [*child_pids(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def forward(signum, frame) -> None:
+        if stop_at:
+            print(f"megalora: signal {signum} again: killing the job now", flush=True)
+            kill_job()
+            return
+        stop_at.append(time.monotonic())
+        print(f"megalora: signal {signum}: the ranks finish their step, save and exit (waiting up to {grace_s:g}s "
+              "= stop_grace_period; signal again to kill now)", flush=True)
+        for pid in child_pids(proc.pid) or [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=1.0 if stop_at else None)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - stop_at[0] > grace_s:
+                    print(f"megalora: the job did not stop within stop_grace_period={grace_s:g}s; killing it",
+                          flush=True)
+                    kill_job()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
