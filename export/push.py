@@ -5,8 +5,8 @@ create a missing repository as public), then the folder is uploaded in one call 
 own client, which handles large files (LFS / Xet) and resumes interrupted uploads. Transient
 failures (HTTP 5xx/429, connection resets, timeouts) are retried with exponential backoff; a 4xx
 answer (bad token, no permission) is not. Every request has a connect and read timeout
-(``timeout_s``), so a hub that accepts and never answers fails the push in bounded time. The token never appears in what this module logs or
-raises: every message passes through :func:`redact`, and client exceptions are not chained.
+(``timeout_s``), so a hub that accepts and never answers fails the push in bounded time. The
+token never appears in what this module logs or raises: every message passes through :func:`redact`, and client exceptions are not chained.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ ModelScope (modelscope 1.40 / modelscope_hub):
 
 Every request is recorded (method, path, headers, body). ``fail(method, pattern, status, ...)``
 makes the next ``times`` matching requests answer ``status`` (status 0 closes the connection
-without answering, like a reset; status -1 accepts and never answers, like a hung server). Unknown routes answer 404 and are recorded, so a test can see
-what a client asked for. The server stops itself after ``lifetime_s`` even if a test forgets to.
+without answering, like a reset; status -1 accepts and never answers, like a hung server).
+Unknown routes answer 404 and are recorded, so a test can see what a client asked for. The server stops itself after ``lifetime_s`` even if a test forgets to.
 """
 
 from __future__ import annotations

@@ -133,3 +133,12 @@ def test_pickle_planted_in_the_run_folder_is_never_executed(train_assets, tmp_pa
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
     assert not marker.exists()
+
+
+def test_help_recommends_the_environment_for_tokens(tmp_path):
+    for command in ("sft", "export"):
+        r = _run([command, "--help"], env_extra={}, home=tmp_path)
+        assert r.returncode == 0
+        text = " ".join(r.stdout.split())
+        at = text.rindex("--hub_token")  # the option's own entry, after the usage line
+        assert "MODELSCOPE_API_TOKEN" in text[at:at + 300] and "HF_TOKEN" in text[at:at + 300], text[at:at + 300]

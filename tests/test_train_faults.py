@@ -333,3 +333,15 @@ def test_corrupt_weights_and_missing_tokenizer_fail_in_one_line(train_assets, tm
     assert r.returncode != 0
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("megalora sft: error")]
     assert len(lines) == 2 and all(str(folder / weights) in line and "truncated" in line for line in lines), lines
+
+
+def test_a_dead_rank_takes_the_job_down_and_leaves_the_folder_whole(job_assets):
+    """SIGKILL to one rank mid-run: the other rank and torchrun exit, the command returns non-zero,
+    and what the run folder holds is whole (no partial checkpoint, every checkpoint verifies)."""
+    proc, seen, run, job = _launch_until_step(job_assets, 2)
+    os.kill(job[-1], signal.SIGKILL)
+    rest = proc.stdout.read()
+    proc.wait(timeout=600)
+    assert proc.returncode != 0, ("".join(seen) + rest)[-3000:]
+    assert _alive(job) == []
+    _assert_folder_whole(run)

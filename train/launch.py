@@ -3,7 +3,8 @@
 Like ms-swift, `sft` relaunches itself under torchrun when `NPROC_PER_NODE` (and
 `NNODES`, `NODE_RANK`, `MASTER_ADDR`, `MASTER_PORT`) are set and it is not already a
 torchrun worker. One node without `MASTER_PORT` uses torchrun's standalone mode (a free port);
-secrets (`--hub_token`) reach the ranks through the environment, never their command line. Under torchrun, or with none of those set, it trains here.
+secrets (`--hub_token`) reach the ranks through the environment, never their command line.
+Under torchrun, or with none of those set, it trains here.
 """
 from __future__ import annotations
 
