@@ -345,3 +345,14 @@ def test_a_dead_rank_takes_the_job_down_and_leaves_the_folder_whole(job_assets):
     assert proc.returncode != 0, ("".join(seen) + rest)[-3000:]
     assert _alive(job) == []
     _assert_folder_whole(run)
+
+
+def test_unwritable_run_folder_stops_every_rank_with_one_line(train_assets, tmp_path):
+    """`--save` below a file (as a read-only or foreign path would be): both ranks say which path."""
+    (tmp_path / "file").write_text("not a folder")
+    run = tmp_path / "file" / "run"
+    r = _sft(_flags(train_assets.model_dir, train_assets.data_file, run, 1, "--micro_batch_size", "2"),
+             env_extra={"NPROC_PER_NODE": "2"})
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("megalora sft: error")]
+    assert len(lines) == 2 and all(f"cannot write the run folder: {run}" in line for line in lines), lines

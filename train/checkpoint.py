@@ -120,15 +120,22 @@ def _agreed(write, *, tmp: Path, last_good: Path | None) -> None:
             write()
         except OSError as e:
             error = f"cannot write checkpoint {tmp.name.removeprefix('.tmp-')}: {e.filename or tmp}: {e.strerror or e}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
+    error = first_error(error)
     if error is not None:
         if (dist.get_rank() if dist.is_initialized() else 0) == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was completed"
         raise CheckpointWriteError(f"{error}; {where} (free space or fix permissions, then --resume latest)")
+
+
+def first_error(error: str | None) -> str | None:
+    """Every rank's view of the first rank's error (None when no rank had one): a collective, so
+    that a failure on one rank stops all of them with its message instead of hanging the others."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    return error
 
 
 def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], same_layout: bool,

@@ -104,6 +104,30 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
     return target
 
 
+def prepare_run_dir(cfg: Config, run_dir: Path, rt: Runtime) -> None:
+    """Rank 0 readies the run folder; a folder it cannot write stops every rank with one line."""
+    from megalora.train.checkpoint import first_error
+    from megalora.train.run_dir import clean_partial
+
+    error = None
+    if rt.rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for partial in clean_partial(run_dir):
+                rt.log(f"megalora: removed {partial}, left by a save that did not finish")
+            if cfg.checkpoint.resume is None:
+                moved = set_aside_previous_run(run_dir)
+                if moved is not None:
+                    rt.log(f"megalora: {run_dir} held an earlier run; moved it to {moved} (use --resume latest to "
+                           "continue one)")
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            error = f"`save`: cannot write the run folder: {e.filename or run_dir}: {e.strerror or e}"
+    error = first_error(error)
+    if error is not None:
+        raise ConfigError(error)
+
+
 def data_cache_dir() -> Path:
     base = os.environ.get("MEGALORA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "megalora")
     return Path(base) / "data"
@@ -149,17 +173,7 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
         raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
     run_dir = Path(cfg.checkpoint.save)
-    if rt.rank == 0:
-        from megalora.train.run_dir import clean_partial
-
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for partial in clean_partial(run_dir):
-            rt.log(f"megalora: removed {partial}, left by a save that did not finish")
-        if cfg.checkpoint.resume is None:
-            moved = set_aside_previous_run(run_dir)
-            if moved is not None:
-                rt.log(f"megalora: {run_dir} held an earlier run; moved it to {moved} (use --resume latest to continue one)")
-        save_config(cfg, run_dir / "config.yaml")
+    prepare_run_dir(cfg, run_dir, rt)
     rt.log(f"megalora: world {rt.world_size} = TP {rt.tp} x DP {rt.dp_size}; EP {rt.ep}; "
            f"gradient accumulation {degrees['grad_accum']}; run folder {run_dir}")
 
