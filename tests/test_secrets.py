@@ -67,12 +67,20 @@ def test_tokens_by_flag_and_environment_reach_the_hub_and_nothing_else(train_ass
         assert "megalora: launching" in launched.stdout
         sent("alice/sft", since)
         since = len(hub.requests)
-        # One process, token by environment, merged export pushed.
-        plain = _run(["sft", *_train_flags(train_assets, tmp_path / "run-env", 1), "--merge_lora", "true",
-                      "--push_to_hub", "alice/sft-env", "--hub", "huggingface"],
-                     env_extra={**hf, "HF_TOKEN": ENV_TOKEN}, home=home)
+        # One process, token by flag, wandb offline (which records the command line).
+        plain = _run(["sft", *_train_flags(train_assets, tmp_path / "run-flag", 1), "--merge_lora", "true",
+                      "--push_to_hub", "alice/sft-flag", "--hub", "huggingface", "--hub_token", FLAG_TOKEN,
+                      "--report_to", "wandb", "--wandb_mode", "offline"], env_extra=hf, home=home)
         outputs.append(plain)
         assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+        sent("alice/sft-flag", since)
+        since = len(hub.requests)
+        # Launcher, token by environment.
+        launched_env = _run(["sft", *_train_flags(train_assets, tmp_path / "run-env", 1), "--merge_lora", "true",
+                             "--push_to_hub", "alice/sft-env", "--hub", "huggingface"],
+                            env_extra={**hf, "HF_TOKEN": ENV_TOKEN, "NPROC_PER_NODE": "1"}, home=home)
+        outputs.append(launched_env)
+        assert launched_env.returncode == 0, launched_env.stdout[-3000:] + launched_env.stderr[-3000:]
         sent("alice/sft-env", since)
         # Dry runs with each.
         for extra_flags, env in ((["--hub_token", FLAG_TOKEN], {}), ([], {"HF_TOKEN": ENV_TOKEN})):
@@ -91,11 +99,13 @@ def test_tokens_by_flag_and_environment_reach_the_hub_and_nothing_else(train_ass
             sent(f"alice/export-{name}", since)
     # Each token went to the hub: proof that it travelled (the flag's to the ranks by environment).
     assert auth["alice/sft"] == {f"Bearer {FLAG_TOKEN}"}
+    assert auth["alice/sft-flag"] == {f"Bearer {FLAG_TOKEN}"}
     assert auth["alice/sft-env"] == {f"Bearer {ENV_TOKEN}"}
     assert auth["alice/export-flag"] == {f"Bearer {FLAG_TOKEN}"}
     assert auth["alice/export-env"] == {f"Bearer {ENV_TOKEN}"}
     assert set(hub.repos) == set(auth)
-    assert list((tmp_path / "run").glob("wandb/**/*.wandb")), "wandb wrote no offline run"
+    for run in ("run", "run-flag"):
+        assert list((tmp_path / run).glob("wandb/**/*.wandb")), f"wandb wrote no offline run in {run}"
     # ... and nowhere else.
     assert _files_holding(tmp_path, [FLAG_TOKEN, ENV_TOKEN]) == []
     for r in outputs:
