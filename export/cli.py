@@ -50,7 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--private", type=bool_flag, default=True, help="create the hub repository as private (default true)")
     p.add_argument("--commit_message", default=DEFAULT_COMMIT_MESSAGE)
     p.add_argument("--hub_token", default=None,
-                   help="hub token (default: MODELSCOPE_API_TOKEN / HF_TOKEN); never printed")
+                   help="hub token; prefer MODELSCOPE_API_TOKEN / HF_TOKEN (the default): a flag is visible to `ps`. "
+                        "Never printed or written")
+    p.add_argument("--hub_timeout", type=float, default=60.0,
+                   help="connect and read timeout (seconds) of each hub request (default 60)")
+    p.add_argument("--allow_base_model_change", type=bool_flag, default=False,
+                   help="export although the base model's weights differ from the ones the checkpoint was trained on")
     p.add_argument("--hub_endpoint", default=None, help="hub address (default: the hub's own)")
     return p
 
@@ -81,7 +86,8 @@ def cmd_export(argv: list[str]) -> int:
                           verify=args.verify, verify_num_layers=args.verify_layers, push_to_hub=args.push_to_hub,
                           hub=args.hub, token=args.hub_token, private=args.private,
                           commit_message=args.commit_message, hub_endpoint=args.hub_endpoint,
-                          adapter_format=args.adapter_format or "vllm")
+                          adapter_format=args.adapter_format or "vllm", hub_timeout=args.hub_timeout,
+                          allow_base_model_change=args.allow_base_model_change)
     except ExportVerifyError as err:
         print(f"megalora export: {err}", file=sys.stderr)
         return 1

@@ -4,8 +4,9 @@ The repository is created first (private by default; the clients' upload helpers
 create a missing repository as public), then the folder is uploaded in one call of the hub's
 own client, which handles large files (LFS / Xet) and resumes interrupted uploads. Transient
 failures (HTTP 5xx/429, connection resets, timeouts) are retried with exponential backoff; a 4xx
-answer (bad token, no permission) is not. The token never appears in what this module logs or
-raises: every message passes through :func:`redact`, and client exceptions are not chained.
+answer (bad token, no permission) is not. Every request has a connect and read timeout
+(``timeout_s``), so a hub that accepts and never answers fails the push in bounded time. The
+token never appears in what this module logs or raises: every message passes through :func:`redact`, and client exceptions are not chained.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def push_folder(
     endpoint: str | None = None,
     max_retries: int = 3,
     retry_wait_s: float = 2.0,
+    timeout_s: float = 60.0,
     log: Callable[[str], None] = print,
 ) -> str:
     """Create ``repo_id`` on ``hub`` if missing and upload every file of ``folder``; return the repo URL.
@@ -51,7 +53,8 @@ def push_folder(
     The token comes from ``token`` or the environment (``MODELSCOPE_API_TOKEN`` for ModelScope,
     ``HF_TOKEN`` for Hugging Face); without either the client's saved login is used. ``endpoint``
     overrides the client's default. Each step is retried up to ``max_retries`` times on transient
-    errors, waiting ``retry_wait_s`` doubled each time. An existing repository keeps its
+    errors, waiting ``retry_wait_s`` doubled each time; each request waits at most ``timeout_s``
+    to connect and between bytes of the answer. An existing repository keeps its
     visibility. Raises ``ValueError`` for bad arguments and :class:`PushError` when the hub
     cannot be reached or refuses.
     """
@@ -67,12 +70,23 @@ def push_folder(
         raise ValueError(f"push_to_hub: repository id {repo_id!r} must look like 'owner/name'")
     if max_retries < 0:
         raise ValueError(f"max_retries: must be >= 0, got {max_retries}")
+    if not timeout_s > 0:
+        raise ValueError(f"hub_timeout: must be > 0 seconds, got {timeout_s}")
     token = token or os.environ.get(HUBS[hub]) or None
     if hub == "huggingface":
-        client: _HfClient | _MsClient = _HfClient(endpoint, token)
+        client: _HfClient | _MsClient = _HfClient(endpoint, token, timeout_s=timeout_s)
     else:
-        client = _MsClient(endpoint, token, max_retries=max_retries)
+        client = _MsClient(endpoint, token, max_retries=max_retries, timeout_s=timeout_s)
+    try:
+        return _push(client, source, files, repo_id, hub=hub, token=token, private=private,
+                     commit_message=commit_message, max_retries=max_retries, retry_wait_s=retry_wait_s, log=log)
+    finally:
+        client.close()
 
+
+def _push(client: "_HfClient | _MsClient", source: Path, files: list[Path], repo_id: str, *, hub: str,
+          token: str | None, private: bool, commit_message: str, max_retries: int, retry_wait_s: float,
+          log: Callable[[str], None]) -> str:
     total = sum(p.stat().st_size for p in files)
     visibility = "private" if private else "public"
     log(f"push: {len(files)} files ({total / 2**20:.1f} MiB) from {source} to {hub} repo {repo_id} "
@@ -92,11 +106,28 @@ def push_folder(
 
 
 class _HfClient:
-    def __init__(self, endpoint: str | None, token: str | None) -> None:
+    def __init__(self, endpoint: str | None, token: str | None, *, timeout_s: float) -> None:
+        import httpx2
         from huggingface_hub import HfApi
+        from huggingface_hub.utils import _http
 
+        # The client's shared HTTP session has no timeout by default: one with ours is installed
+        # for this push and the default put back afterwards.
+        self._previous_factory = _http._GLOBAL_CLIENT_FACTORY
+
+        def factory() -> httpx2.Client:
+            client = self._previous_factory()
+            client.timeout = httpx2.Timeout(timeout_s)
+            return client
+
+        _http.set_client_factory(factory)
         self.api = HfApi(endpoint=endpoint, token=token)
         self.endpoint = self.api.endpoint
+
+    def close(self) -> None:
+        from huggingface_hub.utils import _http
+
+        _http.set_client_factory(self._previous_factory)
 
     def create_repo(self, repo_id: str, *, private: bool) -> None:
         self.api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
@@ -110,13 +141,16 @@ class _HfClient:
 
 
 class _MsClient:
-    def __init__(self, endpoint: str | None, token: str | None, *, max_retries: int) -> None:
+    def __init__(self, endpoint: str | None, token: str | None, *, max_retries: int, timeout_s: float) -> None:
         from modelscope.hub.api import HubApi
 
         # The client's own transport retries (connects, idempotent requests) get the same budget as
         # ours; its default (5, backoff to 8 s) alone takes ~15 s to give up on a closed port.
-        self.api = HubApi(endpoint=endpoint, token=token, max_retries=max_retries)
+        self.api = HubApi(endpoint=endpoint, token=token, max_retries=max_retries, timeout=timeout_s)
         self.endpoint = self.api.endpoint
+
+    def close(self) -> None:
+        pass
 
     def create_repo(self, repo_id: str, *, private: bool) -> None:
         # No token/endpoint arguments here: with them the client builds a fresh API object that

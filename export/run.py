@@ -116,6 +116,14 @@ def read_meta(checkpoint_dir: str | Path) -> dict:
     return meta
 
 
+def check_checkpoint(ckpt: Path, meta: dict, *, allow_base_model_change: bool) -> None:
+    """The checkpoint's files match their recorded checksums and its base model is unchanged."""
+    from megalora.train.run_dir import check_base_model, verify_checkpoint
+
+    verify_checkpoint(ckpt)
+    check_base_model(meta, Path(meta["base_model"]), where=f"export: {ckpt}", allow_change=allow_base_model_change)
+
+
 def lora_scale(lora_cfg: dict) -> float:
     """alpha/r, or alpha/sqrt(r) with rank-stabilised LoRA, from the checkpoint's `lora` config."""
     from megalora.train.lora.options import LoraOptions
@@ -215,8 +223,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
                       max_shard_size: str | int = "5GB", verify: bool = True, verify_num_layers: int | None = None,
                       push_to_hub: str | None = None, hub: str = "modelscope", token: str | None = None,
                       private: bool = True, commit_message: str = DEFAULT_COMMIT_MESSAGE,
-                      hub_endpoint: str | None = None, adapter_format: str = "vllm",
-                      log: Callable[[str], None] = print) -> Path:
+                      hub_endpoint: str | None = None, adapter_format: str = "vllm", hub_timeout: float = 60.0,
+                      allow_base_model_change: bool = False, log: Callable[[str], None] = print) -> Path:
     """Export `checkpoint_dir` (a `checkpoint-<step>/` folder) to `out_dir`; returns `out_dir`.
 
     `mode="merge"` writes the base model with LoRA merged as HF safetensors shards of at
@@ -235,6 +243,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
         raise ValueError(f"--adapter_format: expected one of {FORMATS}, got {adapter_format!r}")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
     meta = read_meta(ckpt)
+    check_checkpoint(ckpt, meta, allow_base_model_change=allow_base_model_change)
     rank, world = _world()
     _check_out_dir(out)
     _barrier()
@@ -253,7 +262,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
         from megalora.export.push import push_folder
 
         push_folder(out, push_to_hub, hub=hub, token=token, private=private, commit_message=commit_message,
-                    endpoint=hub_endpoint, log=log)
+                    endpoint=hub_endpoint, timeout_s=hub_timeout, log=log)
     _barrier()
     return out
 

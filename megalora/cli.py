@@ -111,8 +111,10 @@ def cmd_sft(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_sft_help())
         return 0
-    from megalora.config import load_config
+    from megalora.config import load_config, split_secret_flags
 
+    # Libraries that record the command line (wandb's run metadata) never see a secret flag.
+    sys.argv[1:] = split_secret_flags(sys.argv[1:])[0]
     config_path, flags, dry_run = _split_config_path(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -26,10 +26,11 @@ class ConfigError(ValueError):
     """A user mistake in a config file or flag; the message names the key at fault."""
 
 
-def _f(default, doc: str, *, choices: tuple | None = None):
+def _f(default, doc: str, *, choices: tuple | None = None, secret: bool = False):
+    meta = {"doc": doc, "choices": choices, "secret": secret}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc, "choices": choices})
-    return field(default=default, metadata={"doc": doc, "choices": choices})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -141,6 +142,8 @@ class CheckpointSection:
     resume: Optional[str] = _f(None, "Resume from a checkpoint folder, or `latest` in the run folder.")
     no_save_optim: bool = _f(False, "Do not save optimizer and scheduler state.")
     no_save_rng: bool = _f(False, "Do not save RNG state.")
+    stop_grace_period: float = _f(600.0, "Seconds `megalora sft` waits, after SIGTERM/SIGINT, for the ranks to finish their step and save before it kills them; size it above one step plus one save.")
+    allow_base_model_change: bool = _f(False, "Resume (or export) although the base model's weights differ from the ones the checkpoint was trained on.")
 
 
 @dataclass
@@ -157,7 +160,9 @@ class ExportSection:
     max_shard_size: str = _f("5GB", "Largest safetensors shard of an export.")
     push_to_hub: Optional[str] = _f(None, "Hub repository id to push the export to.")
     hub: str = _f("modelscope", "Hub to push to.", choices=("modelscope", "huggingface"))
-    hub_token: Optional[str] = _f(None, "Hub token (default: MODELSCOPE_API_TOKEN / HF_TOKEN from the environment). Never printed.")
+    hub_token: Optional[str] = _f(None, "Hub token. Prefer the environment variables MODELSCOPE_API_TOKEN / HF_TOKEN (the default): "
+                                  "a flag is visible to `ps`. Never written to the run folder, printed or logged.", secret=True)
+    hub_timeout: float = _f(60.0, "Connect and read timeout (seconds) of each hub request; a hub that stops answering fails the push with one line.")
     hub_private: bool = _f(True, "Create the hub repository as private.")
     commit_message: str = _f("Upload model trained with megalora", "Commit message of the push.")
 
@@ -173,8 +178,14 @@ class Config:
     logging: LoggingSection = field(default_factory=LoggingSection)
     export: ExportSection = field(default_factory=ExportSection)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, *, secrets: bool = False) -> dict:
+        """The tree as plain data; secret keys (hub_token) are None unless `secrets` is asked for,
+        so what is written, printed or sent to a tracker never holds them."""
+        tree = dataclasses.asdict(self)
+        if not secrets:
+            for key in SECRET_KEYS:
+                tree[FIELDS[key][0]][key] = None
+        return tree
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
@@ -212,6 +223,7 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 
 _SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 FIELDS = _field_index()
+SECRET_KEYS = tuple(key for key, (_, f) in FIELDS.items() if f.metadata.get("secret"))
 _HINTS = {s: typing.get_type_hints(t) for s, t in _SECTION_TYPES.items()}
 
 
@@ -356,7 +368,12 @@ class ConfigBuilder:
         if key not in FIELDS:
             raise _unknown(key, where)
         self._check_spelling(key, key, value, where, source)
-        self.values[key] = _coerce(key, value, where)
+        try:
+            self.values[key] = _coerce(key, value, where)
+        except ConfigError as e:
+            if key in SECRET_KEYS:
+                raise ConfigError(f"{where}: `{key}` expects one string value") from None
+            raise
 
     def _check_spelling(self, key: str, spelling: str, value: Any, where: str, source: str) -> None:
         if not source:
@@ -572,6 +589,24 @@ def load_config(yaml_path: str | Path | None = None, argv: list[str] | None = No
         builder.update_yaml(yaml_path)
     builder.update_flags(list(argv or []))
     return builder.build(), builder.extras
+
+
+def split_secret_flags(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`argv` without the secret flags (`--hub_token T`, `--hub_token=T`), and their values by key:
+    a launcher passes those to its children through the environment, never on a command line."""
+    kept, secrets, i = [], {}, 0
+    while i < len(argv):
+        tok = argv[i]
+        key, eq, value = tok[2:].partition("=") if tok.startswith("--") else ("", "", "")
+        if key.replace("-", "_") in SECRET_KEYS:
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            secrets[key.replace("-", "_")] = value
+        else:
+            kept.append(tok)
+        i += 1
+    return kept, secrets
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

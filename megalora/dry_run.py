@@ -57,6 +57,41 @@ def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
     return spec.raw, shape
 
 
+def check_model_files(model_dir: Path) -> None:
+    """Open every weight file's header (cheap): a missing, truncated or corrupt shard fails here."""
+    from megalora.train.model.loader import CheckpointReader
+
+    try:
+        CheckpointReader(model_dir)
+    except ValueError as e:
+        raise ConfigError(f"`model`: {e}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(model_dir: Path):
+    """The model folder's tokenizer, or a one-line error naming the folder. (transformers builds
+    an empty tokenizer from a folder without vocabulary files rather than failing.)"""
+    from transformers import AutoTokenizer
+
+    problem = None
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        problem = f"none of {', '.join(TOKENIZER_FILES)} found"
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        else:
+            if len(tokenizer) == 0:
+                problem = "it has an empty vocabulary"
+    if problem:
+        raise ConfigError(f"`model`: {model_dir}: no usable tokenizer ({problem}); the folder needs the model's "
+                          "tokenizer files") from None
+    return tokenizer
+
+
 def describe_extras(extras: Extras) -> list[str]:
     """One line per accepted key that takes no effect (named, with why), the notes and the ENV block."""
     from megalora.config import GPU_FUSIONS
@@ -95,13 +130,14 @@ def check_inputs(cfg: Config) -> None:
     if cfg.checkpoint.resume is not None:
         from megalora.train.run_dir import resolve_resume
 
-        resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.save))
+        try:
+            resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.save))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def data_summary(cfg: Config, *, model_dir: Path, log=print):
     """Read, validate and tokenise the data exactly as training would; (summary text, train, val)."""
-    from transformers import AutoTokenizer
-
     from megalora.data.dataset import build_datasets
     from megalora.data.summary import summarize
     from megalora.demo import DEMO, ensure_demo_assets
@@ -111,7 +147,7 @@ def data_summary(cfg: Config, *, model_dir: Path, log=print):
         data_file = str(ensure_demo_assets(log=log).data_file)
         cfg.data.dataset = [data_file if d == DEMO else d for d in cfg.data.dataset]
         cfg.data.val_dataset = [data_file if d == DEMO else d for d in cfg.data.val_dataset]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     train, val = build_datasets(cfg.data, tokenizer, cache_dir=data_cache_dir(), rank=0, log=log,
                                 use_hf=cfg.model.use_hf, barrier=lambda: None)
     parts = [summarize(train, tokenizer=tokenizer, max_length=cfg.data.max_length, packing=cfg.data.packing)]
@@ -159,6 +195,7 @@ def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=None) -> int:
 
     model_dir = resolve_model_dir(cfg, log=log)
     raw, shape = read_model_shape(model_dir)
+    check_model_files(model_dir)
     degrees = check_layout(cfg, world_size=world_size, shape=shape)
     check_inputs(cfg)
     log("resolved config:")

@@ -21,8 +21,8 @@ ModelScope (modelscope 1.40 / modelscope_hub):
 
 Every request is recorded (method, path, headers, body). ``fail(method, pattern, status, ...)``
 makes the next ``times`` matching requests answer ``status`` (status 0 closes the connection
-without answering, like a reset). Unknown routes answer 404 and are recorded, so a test can see
-what a client asked for. The server stops itself after ``lifetime_s`` even if a test forgets to.
+without answering, like a reset; status -1 accepts and never answers, like a hung server).
+Unknown routes answer 404 and are recorded, so a test can see what a client asked for. The server stops itself after ``lifetime_s`` even if a test forgets to.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class FakeHub:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._stopped = threading.Event()
         self._timer = threading.Timer(lifetime_s, self.stop)
         self._timer.daemon = True
 
@@ -95,6 +96,7 @@ class FakeHub:
         self.stop()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._timer.cancel()
         self._server.shutdown()
         self._server.server_close()
@@ -151,6 +153,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             failure = hub._take_failure(method, path)
             if failure is not None:
                 status, echo = failure
+                if status == -1:
+                    hub._stopped.wait()
+                    self.close_connection = True
+                    return
                 if status == 0:
                     self.close_connection = True
                     self.connection.close()

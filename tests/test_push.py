@@ -178,3 +178,20 @@ def test_bad_arguments_are_named(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="'owner/name'"):
         push_folder(tmp_path, "just-a-name")
+
+
+@pytest.mark.parametrize("hub", HUBS)
+def test_hub_that_never_answers_fails_with_one_line(hub: str, tmp_path: Path) -> None:
+    """A server that accepts and never answers: each request gives up after `timeout_s`, the
+    push after its retries, with one message naming hub and endpoint (and never the token)."""
+    _model_folder(tmp_path)
+    lines: list[str] = []
+    with FakeHub(lifetime_s=600) as fake:
+        fake.fail("POST", CREATE[hub], -1, times=100)
+        with pytest.raises(PushError) as info:
+            push_folder(tmp_path, "alice/hung", hub=hub, token=TOKEN, endpoint=fake.url, max_retries=1,
+                        retry_wait_s=0.01, timeout_s=1.0, log=lines.append)
+    message = str(info.value)
+    assert "\n" not in message and hub in message and fake.url in message and "create repository" in message
+    assert 2 <= len(fake.calls("POST", CREATE[hub]))
+    _assert_token_absent(message, "\n".join(lines))

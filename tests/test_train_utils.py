@@ -7,8 +7,9 @@ import pytest
 
 from megalora.train.launch import is_torchrun_worker, launch_env, torchrun_command
 from megalora.train.logging import Progress, make_sinks
-from megalora.train.run_dir import (commit_checkpoint, list_checkpoints, prune_checkpoints, resolve_resume,
-                                    tmp_checkpoint_dir)
+from megalora.train.run_dir import (clean_partial, commit_checkpoint, file_checksums, list_checkpoints,
+                                    prune_checkpoints, resolve_resume, start_run, tmp_checkpoint_dir,
+                                    truncate_metrics, write_json)
 from megalora.train.schedule import lr_at, warmup_steps
 
 
@@ -30,22 +31,63 @@ def test_linear_and_constant_decay():
     assert warmup_steps(total_steps=3, warmup_fraction=None, warmup_iters=10) == 3
 
 
-def test_checkpoints_are_atomic_pruned_and_resolved(tmp_path):
-    for step in (10, 20, 30):
-        tmp = tmp_checkpoint_dir(tmp_path, step)
-        tmp.mkdir()
-        (tmp / "meta.json").write_text(json.dumps({"step": step}))
-        commit_checkpoint(tmp_path, step)
-    # A half-written checkpoint (crash mid-save) is never picked.
-    tmp_checkpoint_dir(tmp_path, 40).mkdir()
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+def _fake_checkpoint(run_dir, step, *, run_id, saved_at, commit=True):
+    tmp = tmp_checkpoint_dir(run_dir, step)
+    tmp.mkdir(parents=True)
+    (tmp / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+    write_json(tmp / "meta.json", {"step": step, "run_id": run_id, "saved_at": saved_at,
+                                   "checksums": file_checksums(tmp)})
+    return commit_checkpoint(run_dir, step) if commit else tmp
+
+
+def test_latest_is_the_one_truth_and_rotation_keeps_it_and_other_runs(tmp_path):
+    start_run(tmp_path, "mine")
+    for i, step in enumerate((10, 20, 30)):
+        _fake_checkpoint(tmp_path, step, run_id="mine", saved_at=i)
+    # Another run's higher-numbered checkpoint left in the folder: neither resumed nor counted.
+    foreign = _fake_checkpoint(tmp_path, 40, run_id="theirs", saved_at=9, commit=False)
+    foreign.rename(tmp_path / "checkpoint-40")
+    # A half-written checkpoint (crash mid-save) is never picked, and is cleaned at start.
+    tmp_checkpoint_dir(tmp_path, 50).mkdir()
+    (tmp_path / ".latest.tmp").write_text("checkpoint-50")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-20", "checkpoint-30",
+                                                           "checkpoint-40"]
     assert resolve_resume("latest", tmp_path).name == "checkpoint-30"
-    assert [p.name for p in prune_checkpoints(tmp_path, 2)] == ["checkpoint-10"]
-    assert resolve_resume(str(tmp_path / "checkpoint-20"), tmp_path).name == "checkpoint-20"
+    assert [p.name for p in clean_partial(tmp_path)] == [".latest.tmp", ".tmp-checkpoint-50"]
+    assert [p.name for p in prune_checkpoints(tmp_path, 2, run_id="mine")] == ["checkpoint-10"]
+    # Resumed from 20 and saved 25: the order of saving counts, not the step number, and `latest` is kept.
+    _fake_checkpoint(tmp_path, 25, run_id="mine", saved_at=5)
+    assert [p.name for p in prune_checkpoints(tmp_path, 1, run_id="mine")] == ["checkpoint-20", "checkpoint-30"]
+    assert sorted(p.name for p in list_checkpoints(tmp_path)) == ["checkpoint-25", "checkpoint-40"]
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-25"
+    # Keep 0 still never deletes what `latest` names.
+    assert prune_checkpoints(tmp_path, 0, run_id="mine") == []
+    assert resolve_resume(str(tmp_path / "checkpoint-40"), tmp_path).name == "checkpoint-40"
+
+
+def test_resume_verifies_what_latest_names(tmp_path):
+    with pytest.raises(ValueError, match="has no `latest` file: no checkpoint of it was completed"):
+        resolve_resume("latest", tmp_path)
+    start_run(tmp_path, "mine")
+    ckpt = _fake_checkpoint(tmp_path, 5, run_id="mine", saved_at=1)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights 6")
+    with pytest.raises(ValueError, match="adapter_model.safetensors: checksum differs"):
+        resolve_resume("latest", tmp_path)
+    (ckpt / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="adapter_model.safetensors is missing"):
+        resolve_resume("latest", tmp_path)
     with pytest.raises(ValueError, match="not a megalora checkpoint folder"):
         resolve_resume(str(tmp_path / "checkpoint-10"), tmp_path)
-    with pytest.raises(ValueError, match="no checkpoint in"):
-        resolve_resume("latest", tmp_path / "checkpoint-20")
+    _fake_checkpoint(tmp_path, 7, run_id="theirs", saved_at=2)
+    with pytest.raises(ValueError, match="belongs to run theirs, not to the run mine"):
+        resolve_resume("latest", tmp_path)
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+    rows = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 8, "lo')  # torn by a kill
+    assert truncate_metrics(tmp_path, 4) == 4
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_torchrun_relaunch_command():
@@ -57,6 +99,10 @@ def test_torchrun_relaunch_command():
     assert cmd[-5:] == ["megalora", "sft", "configs/demo.yaml", "--lr", "1e-4"]
     assert not is_torchrun_worker(env)
     assert is_torchrun_worker({**env, "TORCHELASTIC_RUN_ID": "x"})
+    # One node without MASTER_PORT: a free port (standalone rendezvous), not a fixed default.
+    single = torchrun_command(["--lr", "1e-4"], launch_env({"NPROC_PER_NODE": "2"}))
+    assert "--standalone" in single and not any(a.startswith("--master_port") for a in single)
+    assert "--standalone" not in torchrun_command([], launch_env({"NPROC_PER_NODE": "2", "MASTER_PORT": "1234"}))
 
 
 def test_metrics_jsonl_on_rank0_only(tmp_path, capsys):

@@ -13,12 +13,17 @@ Launch environments understood (`launch_env`):
   that way; one that is neither the node count nor the rank count is named as inconsistent.
 - SLURM: `SLURM_NNODES` / `SLURM_NODEID` stand in for `NNODES` / `NODE_RANK` when those are unset,
   and must agree with them when both are set.
+
+One node without `MASTER_PORT` uses torchrun's standalone mode (a free port); secrets
+(`--hub_token`) reach the ranks through the environment, never their command line.
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 from megalora.config import ConfigError
@@ -31,7 +36,7 @@ class LaunchEnv:
     nnodes: int
     node_rank: int
     master_addr: str
-    master_port: str
+    master_port: str | None  # None: not given (one node then takes a free port)
     torchrun_worker: bool
     relaunch: bool  # NPROC_PER_NODE set outside torchrun: `sft` starts torchrun itself
 
@@ -54,7 +59,7 @@ def _int(env: dict, name: str, *, minimum: int) -> int | None:
 
 def launch_env(env: dict) -> LaunchEnv:
     """The launch these environment variables describe, or ConfigError naming the inconsistent one."""
-    addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500")
+    addr, port = env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT") or None
     if is_torchrun_worker(env):
         world = _int(env, "WORLD_SIZE", minimum=1)
         return LaunchEnv(world, _int(env, "LOCAL_WORLD_SIZE", minimum=1) or world, _int(env, "GROUP_WORLD_SIZE", minimum=1) or 1,
@@ -96,20 +101,85 @@ def launch_env(env: dict) -> LaunchEnv:
 
 
 def torchrun_command(argv: list[str], launch: LaunchEnv) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}",
-           f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
-           f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launch.nproc_per_node}"]
+    if launch.nnodes == 1 and launch.master_port is None:
+        # One node and no port asked for: torchrun's standalone rendezvous takes a free port, so
+        # two runs on one machine never collide on a default one.
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={launch.nnodes}", f"--node_rank={launch.node_rank}",
+                f"--master_addr={launch.master_addr}", f"--master_port={launch.master_port or '29500'}"]
     return cmd + ["-m", "megalora", "sft", *argv]
 
 
 def run_sft(cfg, extras, *, config_path: str | None, argv: list[str]) -> int:
-    launch = launch_env(dict(os.environ))
+    env = dict(os.environ)
+    launch = launch_env(env)
     if launch.relaunch:
+        from megalora.config import split_secret_flags
+        from megalora.export.push import HUBS
+
+        # A token travels to the ranks in the hub's environment variable, never on a command line.
+        argv, secrets = split_secret_flags(argv)
+        # DLC sets WORLD_SIZE / RANK to node values; torchrun sets its own for each worker.
+        env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK")}
+        if secrets.get("hub_token"):
+            env[HUBS[cfg.export.hub]] = secrets["hub_token"]
         cmd = torchrun_command(argv, launch)
         print("megalora: launching " + " ".join(cmd[1:]), flush=True)
-        # DLC sets WORLD_SIZE / RANK to node values; torchrun sets its own for each worker.
-        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-        return subprocess.call(cmd, env=env)
+        return run_job(cmd, env=env, grace_s=cfg.checkpoint.stop_grace_period)
     from megalora.train.recipe import train
 
+    if is_torchrun_worker(env):
+        from megalora.train.signals import die_with_parent
+
+        die_with_parent()
     return train(cfg, extras)
+
+
+def run_job(cmd: list[str], *, env: dict, grace_s: float) -> int:
+    """Run torchrun and wait for it. SIGTERM/SIGINT here go straight to its ranks (torchrun itself
+    would kill them 30 s later): they finish the step, save and exit, and this waits for that up
+    to `grace_s` seconds (or a second signal) before killing the job. torchrun gets a parent-death
+    signal, and its ranks one from it, so nothing outlives this process."""
+    from megalora.train.signals import child_pids, die_with_parent
+
+    # Its own session: a terminal's Ctrl-C or a process-group kill reaches only this process,
+    # which forwards it once, in order.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    stop_at: list[float] = []
+
+    def kill_job() -> None:
+        for pid in [*child_pids(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def forward(signum, frame) -> None:
+        if stop_at:
+            print(f"megalora: signal {signum} again: killing the job now", flush=True)
+            kill_job()
+            return
+        stop_at.append(time.monotonic())
+        print(f"megalora: signal {signum}: the ranks finish their step, save and exit (waiting up to {grace_s:g}s "
+              "= stop_grace_period; signal again to kill now)", flush=True)
+        for pid in child_pids(proc.pid) or [proc.pid]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=1.0 if stop_at else None)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() - stop_at[0] > grace_s:
+                    print(f"megalora: the job did not stop within stop_grace_period={grace_s:g}s; killing it",
+                          flush=True)
+                    kill_job()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

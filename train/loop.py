@@ -9,7 +9,8 @@ import torch
 
 from megalora.train.checkpoint import load_checkpoint, save_checkpoint
 from megalora.train.logging import Progress, make_sinks
-from megalora.train.run_dir import fingerprint_model, prune_checkpoints, resolve_resume
+from megalora.train.run_dir import (check_base_model, fingerprint_model, prune_checkpoints, resolve_resume, start_run,
+                                    truncate_metrics)
 from megalora.train.schedule import lr_at, warmup_steps
 from megalora.train.signals import StopRequest
 from megalora.train.step import dp_all_reduce, eval_step, train_step
@@ -47,6 +48,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_checkpoint: Path | None = None
         self.fingerprint = fingerprint_model(model_dir)
+        self.run_id: str | None = None
 
     # -- setup ---------------------------------------------------------------------------
     def _layout_signature(self) -> dict:
@@ -56,22 +58,32 @@ class Trainer:
     def maybe_resume(self) -> None:
         ck = self.cfg.checkpoint
         if ck.resume is None:
+            self._start_run(None)
             return
         path = resolve_resume(ck.resume, self.run_dir)
         import json
 
         meta = json.loads((path / "meta.json").read_text())
-        if meta.get("base_model_fingerprint") != self.fingerprint:
-            raise ValueError(f"`resume`: {path} was trained on base model {meta.get('base_model')} with fingerprint "
-                             f"{meta.get('base_model_fingerprint')}; this run's base model {self.model_dir} has "
-                             f"{self.fingerprint}")
+        check_base_model(meta, self.model_dir, where=f"`resume`: {path}",
+                         allow_change=ck.allow_base_model_change, fingerprint=self.fingerprint)
         same = meta.get("layout") == self._layout_signature()
         meta = load_checkpoint(path, model=self.model, optimizer=self.optimizer, layout=self.layout,
                                same_layout=same, log=self.rt.log)
         self.step = int(meta["step"])
         self.loader.load_state_dict(self._loader_state_for_this_layout(meta["data_loader"], path))
         self.last_checkpoint = path
+        self._start_run(meta.get("run_id"))
+        if self.rt.rank == 0:
+            dropped = truncate_metrics(self.run_dir, self.step)
+            if dropped:
+                self.rt.log(f"megalora: dropped {dropped} metrics.jsonl rows after step {self.step} (they are "
+                            "logged again from here)")
         self.rt.log(f"megalora: resumed from {path} at step {self.step}")
+
+    def _start_run(self, run_id: str | None) -> None:
+        """The run id every checkpoint of this run carries (the resumed one's, or a new one)."""
+        if self.rt.rank == 0:
+            self.run_id = start_run(self.run_dir, run_id)
 
     def _loader_state_for_this_layout(self, saved: dict, path: Path) -> dict:
         """The saved position counts the saving layout's micro-batches; convert it through the
@@ -87,10 +99,10 @@ class Trainer:
 
     # -- pieces --------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {"base_model": str(self.model_dir), "base_model_fingerprint": self.fingerprint,
+        return {"base_model": str(Path(self.model_dir).resolve()), "base_model_fingerprint": self.fingerprint,
                 "data_loader": {**self.loader.state_dict(), "micro_batch_size": self.loader.sampler.micro_batch_size,
                                 "dp_size": self.loader.sampler.dp_size}, "layout": self._layout_signature(),
-                "config": self.cfg.to_dict(), "total_steps": self.total_steps}
+                "config": self.cfg.to_dict(), "total_steps": self.total_steps, "run_id": self.run_id}
 
     def save(self) -> None:
         ck = self.cfg.checkpoint
@@ -99,7 +111,7 @@ class Trainer:
                                save_rng=not ck.no_save_rng)
         if self.rt.rank == 0:
             self.last_checkpoint = path
-            prune_checkpoints(self.run_dir, ck.save_total_limit)
+            prune_checkpoints(self.run_dir, ck.save_total_limit, run_id=self.run_id)
             self.rt.log(f"megalora: saved {path}")
 
     def evaluate(self) -> dict:

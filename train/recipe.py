@@ -91,11 +91,10 @@ def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
 def set_aside_previous_run(run_dir: Path) -> Path | None:
     """A new run in a used folder: move the earlier run's files into `previous-<time>/`, so
     its checkpoints and metrics are neither mixed with the new ones nor lost."""
-    from megalora.train.run_dir import CHECKPOINT_RE
+    from megalora.train.run_dir import CHECKPOINT_RE, RUN_FILE
 
     old = [p for p in run_dir.iterdir()
-           if CHECKPOINT_RE.match(p.name) or p.name in ("metrics.jsonl", "latest", "config.yaml")
-           or p.name.startswith(".tmp-checkpoint-")]
+           if CHECKPOINT_RE.match(p.name) or p.name in ("metrics.jsonl", "latest", "config.yaml", RUN_FILE)]
     if not any(CHECKPOINT_RE.match(p.name) or p.name == "metrics.jsonl" for p in old):
         return None
     target = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -103,6 +102,30 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
     for p in old:
         p.rename(target / p.name)
     return target
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path, rt: Runtime) -> None:
+    """Rank 0 readies the run folder; a folder it cannot write stops every rank with one line."""
+    from megalora.train.checkpoint import first_error
+    from megalora.train.run_dir import clean_partial
+
+    error = None
+    if rt.rank == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for partial in clean_partial(run_dir):
+                rt.log(f"megalora: removed {partial}, left by a save that did not finish")
+            if cfg.checkpoint.resume is None:
+                moved = set_aside_previous_run(run_dir)
+                if moved is not None:
+                    rt.log(f"megalora: {run_dir} held an earlier run; moved it to {moved} (use --resume latest to "
+                           "continue one)")
+            save_config(cfg, run_dir / "config.yaml")
+        except OSError as e:
+            error = f"`save`: cannot write the run folder: {e.filename or run_dir}: {e.strerror or e}"
+    error = first_error(error)
+    if error is not None:
+        raise ConfigError(error)
 
 
 def data_cache_dir() -> Path:
@@ -119,7 +142,9 @@ def train(cfg: Config, extras: Extras) -> int:
     try:
         return _train(cfg, extras, rt)
     except (ConfigError, ValueError) as e:
-        print(f"megalora sft: error (rank {rt.rank}): {e}", file=sys.stderr, flush=True)
+        # One write per line: the ranks share the terminal, and print's separate newline interleaves.
+        sys.stderr.write(f"megalora sft: error (rank {rt.rank}): {e}\n")
+        sys.stderr.flush()
         return 2
     finally:
         if owns_process_group:
@@ -131,9 +156,7 @@ def train(cfg: Config, extras: Extras) -> int:
 
 
 def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
-    from transformers import AutoTokenizer
-
-    from megalora.dry_run import check_inputs, describe_extras, read_model_shape
+    from megalora.dry_run import check_inputs, check_model_files, describe_extras, load_tokenizer, read_model_shape
     from megalora.data.dataset import build_datasets
     from megalora.data.sampler import BatchLoader
     from megalora.train.loop import Trainer
@@ -143,22 +166,17 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
 
     model_dir = resolve_inputs(cfg, rt)
     _, shape = read_model_shape(model_dir)
+    check_model_files(model_dir)
     degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
     for line in describe_extras(extras):
         rt.log(f"megalora: {line}")
     check_inputs(cfg)
     run_dir = Path(cfg.checkpoint.save)
-    if rt.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.checkpoint.resume is None:
-            moved = set_aside_previous_run(run_dir)
-            if moved is not None:
-                rt.log(f"megalora: {run_dir} held an earlier run; moved it to {moved} (use --resume latest to continue one)")
-        save_config(cfg, run_dir / "config.yaml")
+    prepare_run_dir(cfg, run_dir, rt)
     rt.log(f"megalora: world {rt.world_size} = TP {rt.tp} x DP {rt.dp_size}; EP {rt.ep}; "
            f"gradient accumulation {degrees['grad_accum']}; run folder {run_dir}")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     train_ds, val_ds = build_datasets(cfg.data, tokenizer, cache_dir=data_cache_dir(), rank=rt.rank, log=rt.log,
                                       use_hf=cfg.model.use_hf)
     pad_multiple = rt.tp if cfg.parallel.sequence_parallel else 1
@@ -225,4 +243,5 @@ def export_final(cfg: Config, checkpoint: Path, rt: Runtime) -> None:
     rt.log(f"megalora: merge_lora: writing the merged model to {out}")
     export_checkpoint(checkpoint, out, mode="merge", max_shard_size=e.max_shard_size, push_to_hub=e.push_to_hub,
                       hub=e.hub, token=e.hub_token, private=e.hub_private, commit_message=e.commit_message,
+                      hub_timeout=e.hub_timeout, allow_base_model_change=cfg.checkpoint.allow_base_model_change,
                       log=rt.log)

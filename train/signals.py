@@ -2,10 +2,16 @@
 
 The handler only records the request; the loop asks `should_stop()` after each step,
 and all ranks agree (one rank's signal stops every rank at the same step).
+`die_with_parent` makes a process get SIGTERM when its parent dies (Linux), so neither
+torchrun nor a rank outlives the command that started it.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
+
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,3 +43,26 @@ class StopRequest:
     def restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send `signum` to this process when its parent exits (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+    if os.getppid() == 1:  # the parent was already gone before the request took effect
+        os.kill(os.getpid(), signum)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            pass
+    return found

@@ -27,6 +27,45 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def read_header(path: Path) -> dict:
+    """The tensor entries of a safetensors file's header, after checking that the file holds all
+    the bytes the header describes; a one-line error naming the file otherwise."""
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < length <= size - 8:
+                raise ValueError(f"{path}: corrupt or truncated safetensors file (bad header length); "
+                                 "download it again")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: weight file missing; download the model again") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied while reading the weights") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise ValueError(f"{path}: corrupt safetensors header (no data_offsets); download it again") from None
+    if size < 8 + length + end:
+        raise ValueError(f"{path}: truncated ({size} bytes; its header describes {8 + length + end}); "
+                         "download it again")
+    return tensors
+
+
+def check_weight_files(paths: list[Path], *, index: Path | None = None) -> None:
+    """Every weight file present, readable, with a sound header and all its bytes (headers only)."""
+    for path in paths:
+        if index is not None and not path.is_file():
+            raise ValueError(f"{path}: shard named in {index} is missing; download the model again")
+        read_header(path)
+
+
 class CheckpointReader:
     """Lazy access to the tensors of an HF folder, single-file or sharded; block-FP8
     weights read as their float32 values (their `_scale_inv` companions are not listed)."""
@@ -45,10 +84,10 @@ class CheckpointReader:
                 raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from err
             self.files = {name: self.model_dir / fname for name, fname in weight_map.items()}
         elif single.is_file():
-            with safe_open(str(single), "pt") as handle:
-                self.files = {name: single for name in handle.keys()}
+            self.files = {name: single for name in read_header(single)}
         else:
             raise ValueError(f"{self.model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+        check_weight_files(sorted(set(self.files.values())), index=index if index.is_file() else None)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
         self.bytes_read = 0
