@@ -323,7 +323,7 @@ def test_readme_table_names_every_ms_swift_key_we_know():
     table = table[:table.index("\n## ")]
     ours_only = {"num_layers", "strict", "loss_on", "lora_dtype", "exclude_modules", "lora_per_projection", "resume",
                  "wandb_mode", "max_shard_size", "hub", "hub_private", "commit_message", "template_mode",
-                 "chat_template_kwargs", "dump_encoded"}
+                 "chat_template_kwargs", "dump_encoded", "allow_base_model_change", "hub_timeout", "stop_grace_period"}
     keys = set(ALIASES) | set(REPORTED) | set(REFUSED) | set(GPU_FUSIONS) | (set(FIELDS) - ours_only)
     missing = sorted(k for k in keys if f"`{k}`" not in table)
     assert not missing, missing
