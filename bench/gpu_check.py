@@ -44,6 +44,7 @@ import math
 import os
 import re
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,13 @@ class Context:
         self.device = torch.device(args.device)
         self.quick, self.out, self.perturb = args.quick, Path(args.out), args.perturb
         self.cuda = self.device.type == "cuda"
+        self.jobs: dict[str, Job] = {}
+
+    def job(self, key: str, args: list[str], *, nproc: int = 1, cpu_only: bool = False) -> "Job":
+        """The job `key`, started on first request."""
+        if key not in self.jobs:
+            self.jobs[key] = Job(self, key, args, nproc=nproc, cpu_only=cpu_only)
+        return self.jobs[key]
 
     def scale(self, name: str, t: torch.Tensor) -> torch.Tensor:
         return t * PERTURB if self.perturb == name else t
@@ -218,18 +226,42 @@ def _env(ctx: Context, *, cpu_only: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("NPROC_PER_NODE", "NNODES", "WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
     env.update(MEGALORA_HOME=str(ctx.out / "home"), PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+    # Several of these run at once: share the cores rather than each claiming all of them.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 4) // 4)))
     if cpu_only:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def _megalora(ctx: Context, args: list[str], *, nproc: int = 1, cpu_only: bool = False,
-              timeout: float = 600) -> subprocess.CompletedProcess:
-    env = _env(ctx, cpu_only=cpu_only)
-    if nproc > 1:
-        env["NPROC_PER_NODE"] = str(nproc)
-    return subprocess.run([sys.executable, "-m", "megalora", *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Job:
+    """A `megalora` command started now and collected later, so independent checks overlap.
+    Output goes to log files in the run folder (no pipe to fill while nobody reads it)."""
+
+    def __init__(self, ctx: Context, key: str, args: list[str], *, nproc: int, cpu_only: bool) -> None:
+        env = _env(ctx, cpu_only=cpu_only)
+        if nproc > 1:
+            env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port()))
+        self.stdout, self.stderr = ctx.out / f"{key}.out", ctx.out / f"{key}.err"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            # Not from the repository root: there the source folder `megalora/` (whose subpackages
+            # live elsewhere in the tree) would shadow the installed package on the GPU machine.
+            self.proc = subprocess.Popen([sys.executable, "-m", "megalora", *args], env=env, cwd=ctx.out,
+                                         stdout=out, stderr=err, text=True)
+
+    def result(self, timeout: float = 900) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.stdout.read_text(),
+                                           self.stderr.read_text())
 
 
 def _tail(proc: subprocess.CompletedProcess) -> str:
@@ -240,9 +272,13 @@ _VERIFY = re.compile(r"rel_l2=(\S+) max_abs=(\S+) argmax_agree=(\S+) status=(\w+
 _FP32 = re.compile(r"megatron rel_l2=(\S+) transformers rel_l2=(\S+)")
 
 
+def verify_job(ctx: Context, name: str, model_dir: Path, dtype: str) -> Job:
+    return ctx.job(name, ["verify", "--model", str(model_dir), "--torch_dtype", dtype, "--device", ctx.device.type,
+                          "--seq_length", "64", "--batch_size", "2"])
+
+
 def check_verify(ctx: Context, name: str, model_dir: Path, dtype: str) -> dict:
-    proc = _megalora(ctx, ["verify", "--model", str(model_dir), "--torch_dtype", dtype, "--device", ctx.device.type,
-                           "--seq_length", "64", "--batch_size", "2"])
+    proc = verify_job(ctx, name, model_dir, dtype).result()
     match = _VERIFY.search(proc.stdout)
     if match is None:
         return {"ok": False, "why": f"rc={proc.returncode}: {_tail(proc)}"}
@@ -265,23 +301,38 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def _train(ctx: Context, tag: str, flags: list[str], *, nproc: int, cpu_only: bool) -> tuple[list[float], str]:
-    steps = 3 if ctx.quick else 20
-    run_dir = ctx.out / f"run_{tag}"
-    args = ["sft", "configs/demo.yaml", "--train_iters", str(steps), "--save", str(run_dir), "--save_interval",
-            "100000", "--packing", "true", "--expert_model_parallel_size", "1", *flags]
-    proc = _megalora(ctx, args, nproc=nproc, cpu_only=cpu_only, timeout=900)
+TRAIN_RUNS = {  # check -> (extra flags, ranks); the CPU reference is "cpu_reference"
+    "cpu_reference": (["--torch_dtype", "float32"], 1),
+    "train_1rank": (["--torch_dtype", "bfloat16"], 1),
+    "train_ep2": (["--torch_dtype", "bfloat16", "--expert_model_parallel_size", "2", "--distributed_backend", "gloo"], 2),
+    "train_tp2_sp": (["--torch_dtype", "bfloat16", "--tensor_model_parallel_size", "2", "--sequence_parallel", "true",
+                      "--distributed_backend", "gloo"], 2),
+}
+
+
+def train_job(ctx: Context, name: str) -> Job:
+    """The demo run `name` of TRAIN_RUNS: packed batches, STEPS steps, on the device (the
+    reference on the CPU)."""
+    flags, nproc = TRAIN_RUNS[name]
+    args = ["sft", str(ROOT / "configs" / "demo.yaml"), "--train_iters", str(3 if ctx.quick else 20), "--save",
+            str(ctx.out / f"run_{name}"), "--save_interval", "100000", "--packing", "true",
+            "--expert_model_parallel_size", "1", *flags]
+    return ctx.job(name, args, nproc=nproc, cpu_only=name == "cpu_reference" or not ctx.cuda)
+
+
+def _train(ctx: Context, name: str) -> tuple[list[float], str]:
+    proc = train_job(ctx, name).result()
     if proc.returncode != 0:
         return [], f"rc={proc.returncode}: {_tail(proc)}"
-    return _losses(run_dir), ""
+    return _losses(ctx.out / f"run_{name}"), ""
 
 
-def check_train(ctx: Context, name: str, reference: list[float], flags: list[str], *, nproc: int) -> dict:
-    dtype = ["--torch_dtype", "bfloat16"]
-    backend = ["--distributed_backend", "gloo"] if nproc > 1 else []
-    losses, why = _train(ctx, name, [*flags, *dtype, *backend], nproc=nproc, cpu_only=not ctx.cuda)
+def check_train(ctx: Context, name: str) -> dict:
+    reference, ref_why = _train(ctx, "cpu_reference")
+    losses, why = _train(ctx, name)
     if why or not reference:
-        return {"ok": False, "why": why or "no CPU reference losses"}
+        why = why or f"CPU reference: {ref_why}"
+        return {"ok": False, "why": why}
     losses = [x * PERTURB for x in losses] if ctx.perturb == name else losses
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses, reference)) if len(losses) == len(reference) else math.inf
     return {"ok": worst <= TRAIN_TOL, "steps": len(losses), "first_loss": losses[0] if losses else None,
@@ -403,7 +454,7 @@ def check_slice(ctx: Context, name: str, *, recompute: bool) -> dict:
     for side in ("megalora", "peer"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--device", str(ctx.device),
                "--out", str(ctx.out / name)] + (["--quick"] if ctx.quick else []) + (["--recompute"] if recompute else [])
-        proc = subprocess.run(cmd, env=_env(ctx), cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, env=_env(ctx), cwd=ctx.out, capture_output=True, text=True, timeout=900)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             return {"ok": False, "why": f"{side} rc={proc.returncode}: {_tail(proc)}"}
@@ -433,10 +484,12 @@ def check_slice(ctx: Context, name: str, *, recompute: bool) -> dict:
 
 
 # -- driver -------------------------------------------------------------------------------------
-def all_checks(ctx: Context) -> dict[str, Callable[[], dict]]:
+def all_checks(ctx: Context) -> tuple[dict[str, Callable[[], dict]], dict[str, Callable[[], Any]]]:
+    """(check name -> run it and return its figures, check name -> start its subprocesses early)."""
     from megalora.train.model.testing import make_tiny_checkpoint
 
     checks: dict[str, Callable[[], dict]] = {}
+    starts: dict[str, Callable[[], Any]] = {}
     tiny: dict[str, Path] = {}
 
     def model(name: str) -> Path:
@@ -448,26 +501,18 @@ def all_checks(ctx: Context) -> dict[str, Callable[[], dict]]:
         for dtype in ("float32", "bfloat16"):
             check = f"verify_{name}_{dtype}"
             checks[check] = lambda c=check, t=tiny_name, d=dtype: check_verify(ctx, c, model(t), d)
+            starts[check] = lambda c=check, t=tiny_name, d=dtype: verify_job(ctx, c, model(t), d)
     checks["kernel_gdn"] = lambda: check_kernel_gdn(ctx, packed=False)
     checks["kernel_gdn_packed"] = lambda: check_kernel_gdn(ctx, packed=True)
     checks["kernel_conv_packed"] = lambda: check_kernel_conv(ctx)
     checks["kernel_attention_packed"] = lambda: check_kernel_attention(ctx)
     checks["kernel_grouped_mm"] = lambda: check_kernel_grouped_mm(ctx)
-    reference: list[list[float]] = []
-
-    def cpu_reference() -> list[float]:
-        if not reference:
-            losses, _ = _train(ctx, "cpu_reference", ["--torch_dtype", "float32"], nproc=1, cpu_only=True)
-            reference.append(losses)
-        return reference[0]
-
-    for name, flags, nproc in (("train_1rank", [], 1), ("train_ep2", ["--expert_model_parallel_size", "2"], 2),
-                               ("train_tp2_sp", ["--tensor_model_parallel_size", "2", "--sequence_parallel", "true"],
-                                2)):
-        checks[name] = lambda n=name, f=flags, p=nproc: check_train(ctx, n, cpu_reference(), f, nproc=p)
+    for name in ("train_1rank", "train_ep2", "train_tp2_sp"):
+        checks[name] = lambda n=name: check_train(ctx, n)
+        starts[name] = lambda n=name: (train_job(ctx, "cpu_reference"), train_job(ctx, n))
     checks["slice"] = lambda: check_slice(ctx, "slice", recompute=False)
     checks["slice_recompute"] = lambda: check_slice(ctx, "slice_recompute", recompute=True)
-    return checks
+    return checks, starts
 
 
 def _line(name: str, figures: dict) -> str:
@@ -498,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ctx = Context(args)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    checks = all_checks(ctx)
+    checks, starts = all_checks(ctx)
     chosen = list(checks) if args.checks is None else args.checks.split(",")
     unknown = [c for c in chosen + ([args.perturb] if args.perturb else []) if c not in checks]
     if unknown:
@@ -507,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"device": torch.cuda.get_device_name() if ctx.cuda else "cpu",
                                "torch": torch.__version__, "quick": ctx.quick, "checks": {}}
     start = time.perf_counter()
+    # The verify and demo-training subprocesses need the GPU only lightly and are independent:
+    # they start now and run beside the kernel checks; the slice (timed) runs once all are done.
+    for name in chosen:
+        if name in starts:
+            starts[name]()
     for name in chosen:
         t0 = time.perf_counter()
         if args.budget_s is not None and t0 - start > args.budget_s:
@@ -524,6 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = [n for n, f in summary["checks"].items() if not f["ok"]]
         summary.update(failed=failed, seconds=round(time.perf_counter() - start, 1))
         (ctx.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for job in ctx.jobs.values():  # started for checks the budget left unrun
+        if job.proc.poll() is None:
+            job.proc.kill()
     print(f"gpu_check: summary {ctx.out / 'summary.json'}", flush=True)
     if failed:
         print(f"gpu_check: FAILED {', '.join(failed)}", flush=True)

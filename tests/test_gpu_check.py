@@ -26,7 +26,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     (block / "sitecustomize.py").write_text(
         "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in ABSENT_ON_GPU_MACHINE))
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(PYTHONPATH=os.pathsep.join([str(block), str(ROOT)]), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env.update(PYTHONPATH=str(block), OMP_NUM_THREADS="1", PYTHON=sys.executable)
     return env
 
 
