@@ -13,7 +13,7 @@ import torch
 from megalora.parallel.multiprocess import spawn
 from megalora.train.model.testing import make_tiny_checkpoint, sample_tokens
 from megalora.train.model.verify import TOLERANCES, compare_logits
-from tests.test_cli import _run
+from test_cli import _run
 
 MODELS = ("qwen3_next_a", "qwen3_moe")
 

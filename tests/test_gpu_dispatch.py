@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megalora.train.model import attention
 from megalora.train.model.attention import SDPACoreAttention, segment_causal_mask
 from megalora.train.ops import chunk_gated_delta_rule, torch_causal_conv1d
-from tests.test_gdn_ops import make_inputs
+from test_gdn_ops import make_inputs
 
 # The package re-exports functions under the modules' names: import the modules themselves.
 conv_mod = importlib.import_module("megalora.train.ops.causal_conv1d")
