@@ -4,7 +4,8 @@ adapter loaded by peft) on the same tokens, on any layout.
 Runs as one process or under `torchrun --nproc_per_node N -m megalora verify ...`. Ends with
 one line a script can read and exits non-zero on FAIL:
     verify: rel_l2=<float> max_abs=<float> argmax_agree=<fraction> status=ok|FAIL
-Both sides run in `--torch_dtype` on `--device`; the pass bounds are the export's: fp32
+Both sides run in `--torch_dtype`, megatron on `--device` (transformers too, except in fp32,
+where it runs on the CPU, its exact path); the pass bounds are the export's: fp32
 relative L2 <= 1e-5 with every argmax equal, bf16 <= 2e-2 with >= 90% equal.
 In bf16 a line before it gives each side's distance from transformers in fp32.
 """

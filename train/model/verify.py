@@ -199,7 +199,8 @@ def run_verify(
     same tokens through both, and compare logits. Call it on every rank of the world
     (or in a single process). Without `tokens`, `default_tokens(seq_length, batch_size,
     seed)` are used. `apply_adapter(model, info, adapter)` loads a PEFT adapter into our
-    LoRA modules; it is needed when `adapter` is given. Both models run in `dtype` on `device`;
+    LoRA modules; it is needed when `adapter` is given. Both models run in `dtype`, megatron on
+    `device`, transformers there too in bf16/fp16 and on the CPU in fp32 (its exact path);
     `tolerance` and `min_argmax_agree` default to `TOLERANCES[dtype]`."""
     from megalora.parallel import groups
     from megalora.train.model.build import build_model
@@ -227,12 +228,14 @@ def run_verify(
     result: list[VerifyResult | None] = [None]
     if dist.get_rank() == 0:
         del model
+        # fp32 references run on the CPU: on CUDA transformers sends Qwen3-Next's GDN through the
+        # kernel library's Triton kernels, whose fp32 products use TF32; its torch path is exact.
         reference = transformers_logits(model_dir, tokens, num_layers=num_layers, adapter=adapter, dtype=dtype,
-                                        device=device)
+                                        device="cpu" if dtype == torch.float32 else device)
         result[0] = compare_logits(ours, reference, tolerance=tolerance, min_argmax_agree=min_argmax_agree)
         if dtype != torch.float32:
             truth = transformers_logits(model_dir, tokens, num_layers=num_layers, adapter=adapter,
-                                        dtype=torch.float32, device=device)
+                                        dtype=torch.float32, device="cpu")
             result[0] = dataclasses.replace(result[0], ours_vs_fp32=compare_logits(ours, truth, tolerance=1).rel_l2,
                                             reference_vs_fp32=compare_logits(reference, truth, tolerance=1).rel_l2)
     if dist.get_world_size() > 1:
