@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import resource
 import socket
 import subprocess
 import sys
@@ -54,6 +53,8 @@ from typing import Any, Callable
 
 import torch
 
+from gpu_slice import QUICK_SLICE, SLICE, slice_cfg, slice_hf_config
+
 ROOT = Path(__file__).resolve().parents[1]
 VALUE_TOL, GRAD_TOL = 2e-2, 5e-2
 TRAIN_TOL = 0.05
@@ -61,18 +62,6 @@ FP32_RATIO = 1.25
 PERTURB = 1.1
 # bf16 dense peak of the GPUs this check is written for (FLOP/s), by device-name substring.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
-
-SLICE = dict(
-    hidden_size=2048, num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
-    linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128, num_experts=512,
-    num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512, intermediate_size=5120,
-    vocab_size=151936, num_hidden_layers=4, seq=4096, steps=6, warmup=2)
-QUICK_SLICE = dict(
-    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-    linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8,
-    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, intermediate_size=128,
-    vocab_size=512, num_hidden_layers=4, seq=64, steps=2, warmup=1)
-
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
@@ -339,120 +328,14 @@ def check_train(ctx: Context, name: str) -> dict:
             "last_loss": losses[-1] if losses else None, "ref_last_loss": reference[-1], "worst_rel_diff": worst}
 
 
-# -- the real-width slice -----------------------------------------------------------------------
-def _slice_hf_config(dims: dict) -> dict:
-    from megalora.known_models import QWEN3_CODER_NEXT
-
-    config = dict(QWEN3_CODER_NEXT)
-    config.update({k: v for k, v in dims.items() if k not in ("seq", "steps", "warmup")})
-    config["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
-    return config
-
-
-def _slice_cfg(dims: dict, *, recompute: bool):
-    from megalora.config import load_config
-
-    flags = ["--max_length", str(dims["seq"]), "--micro_batch_size", "1", "--global_batch_size", "1",
-             "--lora_rank", "8", "--target_modules", "all-linear", "--torch_dtype", "bfloat16"]
-    if recompute:
-        flags += ["--recompute_granularity", "full", "--recompute_method", "uniform", "--recompute_num_layers", "1"]
-    return load_config(None, flags)[0]
-
-
-def slice_side(side: str, *, device: str, quick: bool, recompute: bool, work: Path) -> dict:
-    """One side of the slice measurement, in its own process: tokens/s, peak memory, losses."""
-    import transformers
-
-    dims = QUICK_SLICE if quick else SLICE
-    hf_config = _slice_hf_config(dims)
-    model_dir = work / "slice_model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    fields = {k: v for k, v in hf_config.items() if k not in ("model_type", "architectures")}
-    transformers.AutoConfig.for_model("qwen3_next", **fields).save_pretrained(model_dir)
-    dev = torch.device(device)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, dims["vocab_size"], (1, dims["seq"]), generator=gen).to(dev)
-    losses, times = [], []
-    notes: dict[str, Any] = {}
-    if side == "megalora":
-        from megalora.config import LoraSection
-        from megalora.parallel import groups
-        from megalora.train.lora.apply import apply_lora
-        from megalora.train.model.build import build_model
-
-        groups.initialize()
-        overrides = {"perform_initialization": False}
-        if recompute:
-            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        model, _ = build_model(model_dir, dtype=torch.bfloat16, load_weights=False, **overrides)
-        model.to(dev)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0.0, 0.02)
-        apply_lora(model, LoraSection(lora_rank=8), verbose=False)
-        positions = torch.arange(dims["seq"], device=dev).unsqueeze(0)
-        labels = torch.roll(tokens, -1, dims=1)
-
-        def loss_fn() -> torch.Tensor:
-            return model(input_ids=tokens, position_ids=positions, attention_mask=None, labels=labels).float().mean()
-    else:
-        from peft import LoraConfig
-
-        sys.path.insert(0, str(ROOT / "bench"))
-        from bench_train import PEER_TARGET_MODULES, PEER_TARGET_PARAMETERS, _peer_lora_model
-
-        config = transformers.AutoConfig.from_pretrained(model_dir)
-        with dev:
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model = _peer_lora_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0,
-                                                   target_modules=PEER_TARGET_MODULES,
-                                                   target_parameters=PEER_TARGET_PARAMETERS))
-        if recompute:
-            model.gradient_checkpointing_enable()
-            model.enable_input_require_grads()
-        model.train()
-
-        import importlib.util
-
-        notes = {"experts_implementation": str(getattr(config, "_experts_implementation", None)),
-                 "gdn_kernel_library": importlib.util.find_spec("fla") is not None}
-
-        def loss_fn() -> torch.Tensor:
-            return model(input_ids=tokens, labels=tokens, use_cache=False).loss.float()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(dims["warmup"] + dims["steps"]):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        times.append(time.perf_counter() - t0)
-    measured = times[dims["warmup"]:]
-    result = {"tokens_per_s": dims["seq"] * len(measured) / sum(measured), "losses": losses,
-              "lora_params": sum(p.numel() for p in params), **notes}
-    if dev.type == "cuda":
-        result.update(peak_allocated_gib=torch.cuda.max_memory_allocated(dev) / 2 ** 30,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved(dev) / 2 ** 30)
-    else:
-        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return result
-
-
+# -- the real-width slice (its two sides run bench/gpu_slice.py) ----------------------------------
 def check_slice(ctx: Context, name: str, *, recompute: bool) -> dict:
     from megalora.train.plan import memory_plan, step_flops
 
     dims = QUICK_SLICE if ctx.quick else SLICE
     sides = {}
     for side in ("megalora", "peer"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--device", str(ctx.device),
+        cmd = [sys.executable, str(ROOT / "bench" / "gpu_slice.py"), "--side", side, "--device", str(ctx.device),
                "--out", str(ctx.out / name)] + (["--quick"] if ctx.quick else []) + (["--recompute"] if recompute else [])
         proc = subprocess.run(cmd, env=_env(ctx), cwd=ctx.out, capture_output=True, text=True, timeout=900)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -460,8 +343,8 @@ def check_slice(ctx: Context, name: str, *, recompute: bool) -> dict:
             return {"ok": False, "why": f"{side} rc={proc.returncode}: {_tail(proc)}"}
         sides[side] = json.loads(lines[-1])
     mega, peer = sides["megalora"], sides["peer"]
-    cfg = _slice_cfg(dims, recompute=recompute)
-    plan = memory_plan(cfg, hf_config=_slice_hf_config(dims), num_gpus=1, device="gpu")
+    cfg = slice_cfg(dims, recompute=recompute)
+    plan = memory_plan(cfg, hf_config=slice_hf_config(dims), num_gpus=1, device="gpu")
     flops = step_flops(plan["spec"], adapters=plan["adapters"], cfg=cfg, num_gpus=1, padded_vocab=plan["padded_vocab"])
     per_token = sum(flops["per_token"].values())
     peak = next((v for k, v in PEAK_BF16.items() if ctx.cuda and k in torch.cuda.get_device_name(ctx.device)), None)
@@ -530,17 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perturb", default=None, help="a check whose fast-path result is scaled by 1.1 (must FAIL)")
     p.add_argument("--budget_s", type=float, default=None,
                    help="seconds for all checks; a check not started within them is a FAIL (`not run`)")
-    p.add_argument("--side", choices=("megalora", "peer"), help=argparse.SUPPRESS)
-    p.add_argument("--recompute", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     args.out = args.out or tempfile.mkdtemp(prefix="gpu_check_")
-    if args.side:
-        print(json.dumps(slice_side(args.side, device=args.device, quick=args.quick, recompute=args.recompute,
-                                    work=Path(args.out))), flush=True)
-        return 0
     ctx = Context(args)
     ctx.out.mkdir(parents=True, exist_ok=True)
     checks, starts = all_checks(ctx)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared command that proves the GPU path on one H100/H200 in at most 8 minutes:
 #   bash launch/gpu_check.sh [OUT_DIR] [extra bench/gpu_check.py flags]
-# It runs bench/gpu_check.py (its docstring lists every check and its bound): verify on CUDA for
-# the tiny Qwen3-Next and Qwen3-MoE in fp32 and bf16; the GDN kernel (with and without
+# It runs bench/gpu_check.py (its docstring lists every check and its bound; the slice sides
+# run bench/gpu_slice.py): verify on CUDA for the tiny Qwen3-Next and Qwen3-MoE in fp32 and
+# bf16; the GDN kernel (with and without
 # cu_seqlens), its causal conv, packed (varlen) attention and torch._grouped_mm against their
 # torch references, values and gradients; 20 demo steps on CUDA on 1 rank and on 2 ranks sharing
 # the GPU (--distributed_backend gloo) at EP=2 and TP=2+SP against a CPU run; the real-width
