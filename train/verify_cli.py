@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--torch_dtype", default="float32", choices=sorted(_DTYPES),
                    help="dtype of both models (weights and compute)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where both models run (auto: cuda when available)")
+                   help="where megatron runs, and transformers in bf16 (auto: cuda when available); the fp32 reference runs on the CPU")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest relative L2 error that passes (default: 1e-5 fp32, 2e-2 bf16)")
     p.add_argument("--seed", type=int, default=0)
