@@ -49,11 +49,10 @@ from megalora.export.merge import LoraKeys, lora_delta_factors, lora_keys_for, m
 from megalora.export.writer import (
     ShardWriter, TensorInfo, copy_side_files, dtype_name, parse_size, plan_shards, write_index)
 from megalora.train.model.mapping import Rule
+# Pass criteria of the verify step per base dtype, shared with `megalora verify`.
+from megalora.train.model.verify import TOLERANCES
 
 MODES = ("merge", "adapter")
-# Pass criteria of the verify step per base dtype: (largest relative L2, least argmax agreement).
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float32: (1e-5, 1.0), torch.bfloat16: (2e-2, 0.9), torch.float16: (5e-3, 0.9)}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Block-FP8 base weights are merged in fp32 and written in this dtype (a bf16 model).
 DEQUANTIZED_DTYPE = torch.bfloat16

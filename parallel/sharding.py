@@ -38,7 +38,7 @@ _EXPERT_PATTERNS = (
 
 
 def gpt_rules(*, gated_linear_unit: bool = True) -> dict[str, str]:
-    """The plan for megatron-core's ``GPTModel`` built from the local or TE layer specs."""
+    """The plan for megatron-core's ``GPTModel`` built from the local (non-Transformer-Engine) layer specs."""
     fc1 = "glu_column" if gated_linear_unit else "column"
     return {
         r"(^|\.)embedding\.word_embeddings\.weight$": "vocab",

@@ -28,8 +28,9 @@ def local_gpt_spec(
 
     ``num_experts=None`` (or 0) gives a dense MLP; otherwise megatron's MoE layer with
     ``SequentialMLP`` experts, or its ``GroupedMLP`` with ``moe_grouped_gemm=True``
-    (which needs the ``grouped_gemm`` package, a GPU extra). A block spec, not a layer
-    spec, so that the final norm is ours too.
+    (which needs the ``grouped_gemm`` package, not shipped and not exercised by any test here;
+    the model megalora trains uses its own grouped experts, see ``train.model.spec``). A block
+    spec, not a layer spec, so that the final norm is ours too.
     """
     if config.normalization != "RMSNorm":
         raise ValueError(

@@ -4,6 +4,10 @@ adapter loaded by peft) on the same tokens, on any layout.
 Runs as one process or under `torchrun --nproc_per_node N -m megalora verify ...`. Ends with
 one line a script can read and exits non-zero on FAIL:
     verify: rel_l2=<float> max_abs=<float> argmax_agree=<fraction> status=ok|FAIL
+Both sides run in `--torch_dtype`, megatron on `--device` (transformers too, except in fp32,
+where it runs on the CPU, its exact path); the pass bounds are the export's: fp32
+relative L2 <= 1e-5 with every argmax equal, bf16 <= 2e-2 with >= 90% equal.
+In bf16 a line before it gives each side's distance from transformers in fp32.
 """
 from __future__ import annotations
 
@@ -11,7 +15,11 @@ import argparse
 import os
 from pathlib import Path
 
+import torch
+
 from megalora.config import bool_flag
+
+_DTYPES = ("float32", "bfloat16")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -25,7 +33,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--use_hf", type=bool_flag, default=False, help="resolve hub ids through the Hugging Face hub")
     p.add_argument("--seq_length", type=int, default=64, help="tokens per sample")
     p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--tolerance", type=float, default=1e-4, help="largest relative L2 error that passes")
+    p.add_argument("--torch_dtype", default="float32", choices=sorted(_DTYPES),
+                   help="dtype of both models (weights and compute)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where megatron runs, and transformers in bf16 (auto: cuda when available); the fp32 reference runs on the CPU")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest relative L2 error that passes (default: 1e-5 fp32, 2e-2 bf16)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -54,11 +67,18 @@ def cmd_verify(argv: list[str]) -> int:
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import run_verify
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
     groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda":
+        # The rank's own GPU, chosen by groups.initialize from LOCAL_RANK.
+        device = f"cuda:{torch.cuda.current_device()}"
     model_dir = resolve_model_dir_from_name(args.model, use_hf=args.use_hf)
     try:
         result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, tp=tp, ep=ep,
                             sequence_parallel=sequence_parallel, tolerance=args.tolerance,
+                            dtype=getattr(torch, args.torch_dtype), device=device,
                             seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed,
                             apply_adapter=_apply_adapter if args.adapter else None)
     finally:
@@ -68,5 +88,7 @@ def cmd_verify(argv: list[str]) -> int:
         if quantization is not None:
             print(f"verify: {model_dir} holds {quantization.describe()} weights: megatron dequantizes them at "
                   "load, transformers with its own fp8 dequantization", flush=True)
+        if result.fp32_line() is not None:
+            print(result.fp32_line(), flush=True)
         print(result.summary_line(), flush=True)
     return 0 if result.ok else 1

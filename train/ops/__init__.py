@@ -3,8 +3,8 @@
 - ``gated_delta_rule``: the GPU kernel library on CUDA bf16/fp16 when importable, else
   ``chunk_gated_delta_rule`` (chunked torch); ``recurrent_gated_delta_rule`` is the
   token-by-token reference.
-- ``causal_conv1d``: the ``causal_conv1d`` GPU package on CUDA when importable, else
-  ``torch_causal_conv1d``.
+- ``causal_conv1d``: on CUDA the ``causal_conv1d`` GPU package when importable, else the
+  GPU kernel library's Triton conv; else (and off CUDA) ``torch_causal_conv1d``.
 - ``l2norm``: q/k normalisation with the kernels' epsilon convention.
 All take packed input through ``cu_seqlens`` and never mix state across segments.
 """

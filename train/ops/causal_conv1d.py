@@ -107,6 +107,10 @@ def torch_causal_conv1d(
     return out.to(x.dtype)
 
 
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 @functools.cache
 def _gpu_kernel() -> Callable | None:
     # Imported on first CUDA use only: CPU runs never import the CUDA extension.
@@ -115,6 +119,17 @@ def _gpu_kernel() -> Callable | None:
     except ImportError:
         return None
     return getattr(module, "causal_conv1d_fn", None)
+
+
+@functools.cache
+def _fla_kernel() -> Callable | None:
+    # The GPU kernel library's Triton conv (channels-last, takes cu_seqlens): the CUDA path
+    # when the compiled causal_conv1d package is absent.
+    try:
+        module = importlib.import_module("fla.modules.causal_conv1d")
+    except ImportError:
+        return None
+    return getattr(module, "causal_conv1d", None)
 
 
 def causal_conv1d(
@@ -126,16 +141,24 @@ def causal_conv1d(
     cu_seqlens: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch: the ``causal_conv1d`` GPU package for CUDA tensors when importable and it
-    supports the call (width 2-4; not packed input together with an initial state), else
-    ``torch_causal_conv1d``. Same arguments and result."""
+    """Dispatch, same arguments and result everywhere. On CUDA: the ``causal_conv1d`` package
+    when importable and it supports the call (width 2-4; not packed input together with an
+    initial state), else the GPU kernel library's Triton conv when importable (no initial
+    state), else ``torch_causal_conv1d``, which is also the path off CUDA."""
     weight2d, lengths = _check(x, weight, activation=activation, cu_seqlens=cu_seqlens, initial_state=initial_state)
+    on_cuda = _on_cuda(x)
     supported = 2 <= weight2d.shape[1] <= 4 and not (lengths is not None and initial_state is not None)
-    kernel = _gpu_kernel() if x.is_cuda and supported else None
+    kernel = _gpu_kernel() if on_cuda and supported else None
     if kernel is None:
-        return torch_causal_conv1d(
-            x, weight2d, bias, activation=activation, cu_seqlens=cu_seqlens, initial_state=initial_state
-        )
+        fla = _fla_kernel() if on_cuda and initial_state is None else None
+        if fla is None:
+            return torch_causal_conv1d(
+                x, weight2d, bias, activation=activation, cu_seqlens=cu_seqlens, initial_state=initial_state
+            )
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(device=x.device, dtype=torch.long)
+        out, _ = fla(x.transpose(1, 2), weight2d, bias, activation=activation, cu_seqlens=cu_seqlens)
+        return out.transpose(1, 2)
     seq_idx = None
     if lengths is not None or initial_state is not None:
         # The package reads segment ids and initial states only from a channels-last x.

@@ -275,6 +275,10 @@ def chunk_gated_delta_rule(
     return out.to(out_dtype), (state if output_final_state else None)
 
 
+def _on_cuda(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 @functools.cache
 def _gpu_kernel() -> Callable | None:
     # Imported on first CUDA use only: the library needs Triton and a GPU, and CPU runs
@@ -301,7 +305,7 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Dispatch: the GPU kernel library for CUDA bf16/fp16 input when importable, else
     ``chunk_gated_delta_rule``. Same arguments and results as the torch versions."""
-    kernel = _gpu_kernel() if q.is_cuda and q.dtype in _GPU_KERNEL_DTYPES else None
+    kernel = _gpu_kernel() if _on_cuda(q) and q.dtype in _GPU_KERNEL_DTYPES else None
     if kernel is None:
         return chunk_gated_delta_rule(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
