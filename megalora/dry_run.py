@@ -116,9 +116,10 @@ def format_layout(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def check_inputs(cfg: Config) -> None:
+def check_inputs(cfg: Config, *, resume: bool = True) -> None:
     """What can fail before step 1 and needs no weights, besides layout and data: LoRA targets and the
-    folders named."""
+    folders named (the checkpoint to resume from too, unless `resume` is false: training resolves it
+    itself once the run folder is cleaned of partial saves)."""
     from megalora.train.lora.apply import check_targets
 
     try:
@@ -127,7 +128,7 @@ def check_inputs(cfg: Config) -> None:
         raise ConfigError(str(e)) from None
     if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
         raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
-    if cfg.checkpoint.resume is not None:
+    if resume and cfg.checkpoint.resume is not None:
         from megalora.train.run_dir import resolve_resume
 
         try:

@@ -59,6 +59,8 @@ PLAN = {
     # torch serialises objects into tensors on the group's object device: the CPU when the
     # group has a CPU backend.
     ("megalora.train.checkpoint", "_gather_full"): ("cpu", {"object"}),
+    # Every rank's view of a failed save or run-folder write (one line on every rank, no hang).
+    ("megalora.train.checkpoint", "first_error"): ("cpu", {"object"}),
 }
 MUST_SEE = {("megalora.train.step", "dp_all_reduce"), ("megalora.train.step", "lora_grad_norm"),
             ("megalora.train.signals", "should_stop"), ("megalora.train.lora.grads", "_all_reduce_grads"),

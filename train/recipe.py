@@ -170,7 +170,7 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
     for line in describe_extras(extras):
         rt.log(f"megalora: {line}")
-    check_inputs(cfg)
+    check_inputs(cfg, resume=False)
     run_dir = Path(cfg.checkpoint.save)
     prepare_run_dir(cfg, run_dir, rt)
     rt.log(f"megalora: world {rt.world_size} = TP {rt.tp} x DP {rt.dp_size}; EP {rt.ep}; "

@@ -15,7 +15,8 @@ step and checks it against this plan):
   partial sums (`lora_grad_norm`, float64), the stop flag (`StopRequest`, int32), eval sums;
 - LoRA gradients (`train.lora.grads`): flat buffers on the model's device, in the LoRA dtype;
 - megatron's own (TP/SP mappings, MoE token dispatch): on the model's device;
-- checkpoint tensors travel as objects (`gather_object`), which torch sends over gloo.
+- checkpoint tensors, and a failed save's or run folder's error (`checkpoint.first_error`), travel
+  as objects (`gather_object`, `all_gather_object`), which torch sends over gloo.
 """
 from __future__ import annotations
 
