@@ -106,6 +106,8 @@ class ParallelSection:
                                   "over NCCL, the step's CPU bookkeeping over gloo), gloo without; nccl: the same, "
                                   "refused without CUDA; gloo: everything over gloo, so several ranks may share one GPU.",
                                   choices=("auto", "nccl", "gloo"))
+    distributed_timeout_minutes: float = _f(30.0, "How long a collective waits for a missing peer before every rank "
+                                            "fails: a dead or hung rank stops the job instead of hanging it.")
 
 
 @dataclass

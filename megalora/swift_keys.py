@@ -74,7 +74,6 @@ REPORTED = {
     "tensorboard_dir": "metrics go to <save>/metrics.jsonl (and wandb with --report_to wandb)",
     "seq_length": "sequence length is --max_length",
     "dataloader_type": "the sampler is megalora's own (seeded, resumable)",
-    "distributed_timeout_minutes": "torch.distributed's default timeout is used",
     "ddp_timeout": "torch.distributed's default timeout is used",
     "manual_gc": "Python's garbage collector runs as usual",
     "manual_gc_interval": "Python's garbage collector runs as usual",

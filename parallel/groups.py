@@ -14,6 +14,7 @@ so TP groups are runs of ``tp`` consecutive ranks and, with ``etp=1``, EP groups
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any
 
@@ -82,6 +83,7 @@ def initialize(
     backend: str = "auto",
     seed: int = 1234,
     etp: int = 1,
+    timeout_minutes: float = 30.0,
 ) -> dict[str, Any]:
     """Initialise torch.distributed (if not yet) and megatron's model-parallel groups.
 
@@ -99,7 +101,7 @@ def initialize(
 
     cpu_runtime.install()
     if not dist.is_initialized():
-        _init_default_group(backend)
+        _init_default_group(backend, timeout_minutes=timeout_minutes)
     world_size = dist.get_world_size()
     _check_degrees(world_size, tp=tp, ep=ep, etp=etp)
 
@@ -112,6 +114,8 @@ def initialize(
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        # Megatron's groups get the same limit (its timedelta takes fractional minutes too).
+        distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     rank = dist.get_rank()
@@ -150,7 +154,9 @@ def default_group_backend(backend: str, *, cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl"
 
 
-def _init_default_group(backend: str) -> None:
+def _init_default_group(backend: str, *, timeout_minutes: float = 30.0) -> None:
+    # A collective waiting on a dead or hung peer fails after this, on every rank, instead of hanging.
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     cuda = torch.cuda.is_available()
     name = default_group_backend(backend, cuda=cuda)
     if cuda:
@@ -158,10 +164,10 @@ def _init_default_group(backend: str) -> None:
         # ranks on one device).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend=name)
+        dist.init_process_group(backend=name, timeout=timeout)
         return
     # A one-process world needs no rendezvous: an in-memory store avoids taking a port.
-    dist.init_process_group(backend=name, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend=name, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def destroy() -> None:

@@ -7,6 +7,7 @@ model tensors on the model's device. The second test records, on 4 gloo ranks (T
 EP=2, so DP=2), each collective's calling site, tensor device and dtype over two training
 steps with an eval and a checkpoint, and fails on any collective the plan does not list.
 """
+import datetime
 import sys
 
 import pytest
@@ -27,14 +28,15 @@ def test_cuda_machine_gets_a_cpu_and_a_cuda_backend(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
 
+    thirty = datetime.timedelta(minutes=30)
     for backend in ("auto", "nccl"):
         calls.clear()
         groups._init_default_group(backend)
-        assert calls == [("set_device", 1), ("init", {"backend": "cpu:gloo,cuda:nccl"})]
-    # gloo lets four ranks share the machine's two GPUs.
+        assert calls == [("set_device", 1), ("init", {"backend": "cpu:gloo,cuda:nccl", "timeout": thirty})]
+    # gloo lets four ranks share the machine's two GPUs; the collective timeout is a key.
     calls.clear()
-    groups._init_default_group("gloo")
-    assert calls == [("set_device", 1), ("init", {"backend": "gloo"})]
+    groups._init_default_group("gloo", timeout_minutes=2.5)
+    assert calls == [("set_device", 1), ("init", {"backend": "gloo", "timeout": datetime.timedelta(minutes=2.5)})]
 
 
 def test_cpu_machine_gets_gloo_and_refuses_nccl(monkeypatch):

@@ -60,7 +60,8 @@ def setup_distributed(cfg: Config) -> Runtime:
 
     p = cfg.parallel
     groups.initialize(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
-                      sequence_parallel=p.sequence_parallel, backend=p.distributed_backend)
+                      sequence_parallel=p.sequence_parallel, backend=p.distributed_backend,
+                      timeout_minutes=p.distributed_timeout_minutes)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=ps.get_data_parallel_rank(),
                    dp_size=ps.get_data_parallel_world_size(), tp=p.tensor_model_parallel_size,
