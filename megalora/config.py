@@ -372,7 +372,7 @@ class ConfigBuilder:
         self._check_spelling(key, key, value, where, source)
         try:
             self.values[key] = _coerce(key, value, where)
-        except ConfigError as e:
+        except ConfigError:
             if key in SECRET_KEYS:
                 raise ConfigError(f"{where}: `{key}` expects one string value") from None
             raise

@@ -185,8 +185,6 @@ def check_splits(cfg: Config, degrees: dict, *, vocab_size: int, splits: dict) -
 
 
 def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=None) -> int:
-    import torch
-
     out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
 
     from megalora.parallel.groups import layout

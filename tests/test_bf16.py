@@ -4,7 +4,6 @@ compares megatron bf16 with transformers bf16 under the export's bf16 bounds (re
 <= 2e-2, >= 90% equal argmax), on the tiny Qwen3-Next and Qwen3-MoE."""
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest

@@ -2,7 +2,6 @@
 megatron's loop experts (`SequentialMLP` + LoRA hooks), values and LoRA gradients in float64,
 on 1 rank, EP=2, TP=2+SP and TP=2xEP=2+SP, with and without full recompute, padded and
 packed (THD) input."""
-import pytest
 import torch
 
 from megalora.parallel.multiprocess import spawn
