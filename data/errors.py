@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megalora.errors import UserError
+
 # Every reason a row can be skipped for, in report order. Validation reasons are bad rows
 # (strict mode stops at them); the last two are produced by tokenisation and never stop a run.
 REASONS = {
@@ -44,7 +46,7 @@ class Problem:
         return f"{self.source}:{self.line}: {where}{REASONS[self.reason]} ({self.reason}): {self.detail}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user mistake in the data; the message names file:line and field."""
 
     def __init__(self, message: str, problem: Problem | None = None):

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 
+from megalora.errors import UserError
+
 DEFAULT_TIMEOUT_S = 10.0
 
 
-class HubDatasetError(ValueError):
+class HubDatasetError(UserError, ValueError):
     """A hub dataset could not be fetched; the message names the id and the local-path alternative."""
 
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from megalora.errors import UserError
+
 HUBS: dict[str, str] = {"modelscope": "MODELSCOPE_API_TOKEN", "huggingface": "HF_TOKEN"}
 DEFAULT_COMMIT_MESSAGE = "Upload model exported by megalora"
 # Upload-resume bookkeeping the ModelScope client writes into the folder; never part of a model.
@@ -25,7 +27,7 @@ _CLIENT_STATE_FILES = [".ms_upload_cache"]
 T = TypeVar("T")
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """A push that failed; the message names the hub, endpoint and step, never the token."""
 
 

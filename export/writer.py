@@ -28,6 +28,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from megalora.config import ConfigError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -52,10 +54,10 @@ def parse_size(text: str | int) -> int:
     else:
         m = _SIZE_RE.match(str(text))
         if not m:
-            raise ValueError(f"max_shard_size: cannot read {text!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
+            raise ConfigError(f"`max_shard_size`: cannot read {text!r}; use e.g. 5GB, 500MB, 2GiB or a byte count")
         value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
     if value < 1:
-        raise ValueError(f"max_shard_size: must be positive, got {text!r}")
+        raise ConfigError(f"`max_shard_size` must be positive, got {text!r}")
     return value
 
 

@@ -1,21 +1,24 @@
 """`megalora` command line: thin entry points over the library.
 
     megalora sft [CONFIG.yaml] [--key value ...] [--dry-run]
-    megalora verify --model DIR [--adapter DIR] [--layers N] [--tensor_model_parallel_size N] ...
-    megalora export CHECKPOINT --out DIR [--merge | --adapter] [--push_to_hub ID --hub modelscope|huggingface]
+    megalora plan [CONFIG.yaml] [--key value ...] [--num_gpus N]
+    megalora verify [--model DIR] [--adapter DIR] [--key value ...]
+    megalora export CHECKPOINT --out DIR [--merge | --adapter] [--key value ...]
+
+Every command reads the one config tree (`megalora.config`); `megalora.commands` makes each
+command's parser and --help from it. Errors of the user's input (`UserError`) print one line
+and exit 2; any other exception keeps its traceback.
 
 Each subcommand also runs as `python -m megalora ...` and `torchrun ... -m megalora ...`.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-import textwrap
 import warnings
 
-from megalora.config import FIELDS, GPU_FUSIONS, SECTIONS, ConfigError
-from megalora.swift_keys import REFUSED, REPORTED, SWIFT3_NAMES, SWIFT4_NAMES
+from megalora.commands import parse_command, render_help, wants_help
+from megalora.errors import UserError
 
 USAGE = """\
 usage: megalora <command> [args]
@@ -29,35 +32,6 @@ commands:
 
 `megalora <command> --help` lists each command's options.
 """
-
-
-def _sft_help() -> str:
-    lines = ["usage: megalora sft [CONFIG.yaml] [--key value ...] [--dry-run]", "",
-             "Every config key can be given as a flag; YAML sections group them. A YAML `ENV:` block sets",
-             "environment variables (NPROC_PER_NODE, ...) before launch; variables already set keep their value."]
-    spellings = {key: f" (ms-swift 4: --{alias})" for alias, key in SWIFT4_NAMES.items()}
-    spellings.update({key: f" (ms-swift 3: --{alias})" for alias, key in SWIFT3_NAMES.items()})
-    for section in SECTIONS:
-        lines.append(f"\n{section}:")
-        for key, (sec, f) in FIELDS.items():
-            if sec != section:
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            extra = f" {{{', '.join(str(c) for c in choices if c is not None)}}}" if choices else ""
-            also = spellings.get(key, "")
-            doc = textwrap.fill(f.metadata["doc"], width=76, initial_indent=" " * 6, subsequent_indent=" " * 6)
-            lines.append(f"  --{key}{extra}  (default: {default}){also}\n{doc}")
-    lines.append("\nms-swift keys accepted and reported at start (no effect here):")
-    lines += [f"  --{k}: {why}" for k, why in REPORTED.items()]
-    lines.append("ms-swift keys refused (any value but the one named):")
-    for key, (allowed, why) in REFUSED.items():
-        ok = f" (accepted: {', '.join(str(a) for a in allowed)})" if allowed else ""
-        lines.append(f"  --{key}{ok}: {why}")
-    lines.append("Fused-kernel flags accepted and reported at start with what runs instead:")
-    lines += [f"  --{k}: {why}" for k, (_, why) in GPU_FUSIONS.items()]
-    lines.append("\n  --dry-run  validate config, parallel layout and data; print them; train nothing")
-    return "\n".join(lines)
 
 
 def apply_env(env: dict) -> list[str]:
@@ -93,34 +67,16 @@ def how_to_launch(argv: list[str]):
     return hint
 
 
-def _split_config_path(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    dry_run = False
-    rest = []
-    for tok in argv:
-        if tok in ("--dry-run", "--dry_run"):
-            dry_run = True
-        else:
-            rest.append(tok)
-    config_path = None
-    if rest and not rest[0].startswith("--"):
-        config_path, rest = rest[0], rest[1:]
-    return config_path, rest, dry_run
-
-
 def cmd_sft(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(_sft_help())
+    if wants_help(argv):
+        print(render_help("sft"))
         return 0
-    from megalora.config import load_config, split_secret_flags
+    from megalora.config import split_secret_flags
 
     # Libraries that record the command line (wandb's run metadata) never see a secret flag.
     sys.argv[1:] = split_secret_flags(sys.argv[1:])[0]
-    config_path, flags, dry_run = _split_config_path(argv)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cfg, extras = load_config(config_path, flags)
-    for w in caught:
-        print(f"megalora: warning: {w.message}", file=sys.stderr)
+    parsed = parse_command("sft", argv)
+    cfg, extras = parsed.config, parsed.extras
     for note in apply_env(extras.env):  # said here: after a relaunch the workers see the applied environment
         print(f"megalora: {note}", flush=True)
     from megalora.config import check_layout
@@ -129,11 +85,11 @@ def cmd_sft(argv: list[str]) -> int:
     world_size = world_size_from_env()
     # The layout's degrees need no model: a wrong rank count stops here, before any launch.
     check_layout(cfg, world_size=world_size, how_to_launch=how_to_launch(argv))
-    if dry_run:
+    if parsed.dry_run:
         return run_dry(cfg, extras, world_size=world_size)
     from megalora.train.launch import run_sft
 
-    return run_sft(cfg, extras, config_path=config_path, argv=argv)
+    return run_sft(cfg, extras, config_path=parsed.config_path, argv=argv)
 
 
 # Messages from dependencies that say nothing to a megalora user (optional GPU libraries
@@ -160,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return commands[command](rest)
-    except (ConfigError, ValueError) as e:
-        # User mistakes are ValueErrors naming the file, line or key: one line, no traceback.
+    except UserError as e:
+        # User mistakes name the key, file or row: one line, no traceback. Anything else is a
+        # bug and keeps its traceback (exit 1).
         print(f"megalora {command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -180,30 +137,12 @@ def _cmd_export(argv: list[str]) -> int:
 
 def cmd_plan(argv: list[str]) -> int:
     """`megalora plan [CONFIG] [--key value ...] [--num_gpus N]`."""
-    if any(a in ("-h", "--help") for a in argv):
-        print("usage: megalora plan [CONFIG.yaml] [--key value ...] [--num_gpus N]\n\n"
-              "Predicts per-GPU memory (frozen weights, LoRA, gradients, optimizer, activations under the\n"
-              "recompute settings, buffers) and step FLOPs for the config's layout on N GPUs (default: the\n"
-              "launch's world size, else 8), and whether it fits on 80 GB and 141 GB GPUs.")
+    if wants_help(argv):
+        print(render_help("plan"))
         return 0
-    from megalora.config import load_config
-
-    num_gpus = None
-    rest = []
-    it = iter(argv)
-    for tok in it:
-        if tok.startswith("--num_gpus"):
-            value = tok.split("=", 1)[1] if "=" in tok else next(it, "")
-            if not value.isdigit():
-                raise ConfigError(f"--num_gpus expects a positive integer, got {value!r}")
-            num_gpus = int(value)
-        else:
-            rest.append(tok)
-    config_path, flags, _ = _split_config_path(rest)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cfg, extras = load_config(config_path, flags)
-    apply_env(extras.env)  # a YAML `ENV: {NPROC_PER_NODE: ...}` describes the launch being planned
+    parsed = parse_command("plan", argv)
+    cfg, num_gpus = parsed.config, parsed.own.num_gpus
+    apply_env(parsed.extras.env)  # a YAML `ENV: {NPROC_PER_NODE: ...}` describes the launch being planned
     if num_gpus is None:
         launched = "WORLD_SIZE" in os.environ or "NPROC_PER_NODE" in os.environ
         num_gpus = world_size_from_env() if launched else 8

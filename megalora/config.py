@@ -4,6 +4,12 @@ A YAML file may nest keys by section (`lora: {lora_rank: 8}`) or give them flat
 (`lora_rank: 8`), as ms-swift's Megatron YAMLs do; flags are always flat. Every field
 name is unique across sections, so a flat key names exactly one field. Field docstrings
 (the `doc` metadata) are the `--help` text.
+
+Every command reads this tree: `Config`'s sections are the training run, read by `sft` and by
+`plan` (which sizes that run); a field's `commands` metadata names the other commands that read
+it (`verify` reads `tensor_model_parallel_size`, `export` reads `hub`), and the sections after
+`Config` hold the keys of one command alone. `megalora.commands` builds each command's parser
+and `--help` from this, so a key has one spelling, default, help text and value parsing.
 """
 from __future__ import annotations
 
@@ -15,19 +21,25 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
+from megalora.errors import UserError
 from megalora.swift_keys import ALIASES, REFUSED, REPORTED, SEE_ALSO, coerce_scalar, refusal
 
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or flag; the message names the key at fault."""
+class ConfigError(UserError, ValueError):
+    """A user mistake in a config key, flag, path or input file; the message names the key or file at fault."""
 
 
-def _f(default, doc: str, *, choices: tuple | None = None, secret: bool = False):
-    meta = {"doc": doc, "choices": choices, "secret": secret}
+def _f(default, doc: str, *, choices: tuple | None = None, secret: bool = False, commands: tuple = (),
+       aliases: dict | None = None, required: bool = False, positional: bool = False, flags: tuple = ()):
+    """A config field. `commands`: commands besides its section's that read it; `aliases`: command ->
+    another spelling that command also takes; `required`: the command stops without it; `positional`:
+    given without `--key`; `flags`: each choice is also a bare flag (`--merge` for `--mode merge`)."""
+    meta = {"doc": doc, "choices": choices, "secret": secret, "commands": commands, "aliases": aliases or {},
+            "required": required, "positional": positional, "flags": flags}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -35,11 +47,12 @@ def _f(default, doc: str, *, choices: tuple | None = None, secret: bool = False)
 
 @dataclass
 class ModelSection:
-    model: str = _f("demo", "HF model folder or hub id (`Qwen/Qwen3-Coder-Next`); `demo` is the embedded tiny Qwen3-Next made locally.")
-    use_hf: bool = _f(False, "Resolve hub ids through the Hugging Face hub instead of ModelScope.")
-    torch_dtype: str = _f("auto", "Dtype of the frozen base weights: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
-                          choices=("auto", "float32", "bfloat16", "float16", "float64"))
-    num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on few GPUs).")
+    model: str = _f("demo", "HF model folder or hub id (`Qwen/Qwen3-Coder-Next`); `demo` is the embedded tiny Qwen3-Next made locally.", commands=("verify",))
+    use_hf: bool = _f(False, "Resolve hub ids through the Hugging Face hub instead of ModelScope.", commands=("verify",))
+    torch_dtype: str = _f("auto", "Dtype of the frozen base weights (in verify, of both models): auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
+                          choices=("auto", "float32", "bfloat16", "float16", "float64"), commands=("verify",))
+    num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on few GPUs).",
+                                    commands=("verify",), aliases={"verify": "layers"})
     moe_grouped_gemm: bool = _f(True, "Routed experts as grouped matrix products over stacked expert weights, base and LoRA "
                                 "together (torch._grouped_mm on CUDA bf16 Hopper and on CPU; a padded bmm otherwise). "
                                 "false: megatron's loop over experts (SequentialMLP), the slow reference.")
@@ -90,14 +103,15 @@ class LoraSection:
     target_regex: Optional[str] = _f(None, "Regex over module names; when set, matching modules get LoRA in addition to target_modules.")
     exclude_modules: list = _f([], "Module names (or substrings) that never get LoRA.")
     lora_per_projection: bool = _f(False, "Inside fused megatron layers (q/k/v, gate/up, GDN qkvz/ba) train one adapter per HF projection (peft's form: stacked A, block-diagonal B) instead of one per fused layer.")
-    adapters: Optional[str] = _f(None, "Start from an existing PEFT adapter folder.")
+    adapters: Optional[str] = _f(None, "A PEFT adapter folder: training starts from it; verify loads it on both sides.",
+                                 commands=("verify",), aliases={"verify": "adapter"})
 
 
 @dataclass
 class ParallelSection:
-    tensor_model_parallel_size: int = _f(1, "Tensor-parallel degree (TP).")
-    sequence_parallel: bool = _f(False, "Shard activations along the sequence across TP ranks (SP); no effect when TP=1.")
-    expert_model_parallel_size: int = _f(1, "Expert-parallel degree (EP): routed experts are split across EP ranks.")
+    tensor_model_parallel_size: int = _f(1, "Tensor-parallel degree (TP).", commands=("verify",))
+    sequence_parallel: bool = _f(False, "Shard activations along the sequence across TP ranks (SP); no effect when TP=1.", commands=("verify",))
+    expert_model_parallel_size: int = _f(1, "Expert-parallel degree (EP): routed experts are split across EP ranks.", commands=("verify",))
     expert_tensor_parallel_size: int = _f(1, "Tensor parallelism inside experts. Only 1 is supported.")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel degree. Only 1 is supported.")
     context_parallel_size: int = _f(1, "Context-parallel degree. Only 1 is supported.")
@@ -126,7 +140,7 @@ class TrainSection:
     adam_beta2: float = _f(0.95, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
     clip_grad: float = _f(1.0, "Gradient clipping by global norm; 0 disables.")
-    seed: int = _f(42, "Random seed for LoRA initialisation and dropout.")
+    seed: int = _f(42, "Random seed: LoRA initialisation and dropout in training, the token batch of verify.", commands=("verify",))
     recompute_granularity: Optional[str] = _f(None, "Activation recomputation.", choices=(None, "full", "selective"))
     recompute_method: Optional[str] = _f(None, "Which layers full recomputation covers.", choices=(None, "uniform", "block"))
     recompute_num_layers: Optional[int] = _f(None, "Layers per recompute chunk (uniform) or recomputed layers (block).")
@@ -145,7 +159,7 @@ class CheckpointSection:
     no_save_optim: bool = _f(False, "Do not save optimizer and scheduler state.")
     no_save_rng: bool = _f(False, "Do not save RNG state.")
     stop_grace_period: float = _f(600.0, "Seconds `megalora sft` waits, after SIGTERM/SIGINT, for the ranks to finish their step and save before it kills them; size it above one step plus one save.")
-    allow_base_model_change: bool = _f(False, "Resume (or export) although the base model's weights differ from the ones the checkpoint was trained on.")
+    allow_base_model_change: bool = _f(False, "Resume (or export) although the base model's weights differ from the ones the checkpoint was trained on.", commands=("export",))
 
 
 @dataclass
@@ -159,18 +173,22 @@ class LoggingSection:
 @dataclass
 class ExportSection:
     merge_lora: bool = _f(False, "At the end of training also write the merged HF safetensors export.")
-    max_shard_size: str = _f("5GB", "Largest safetensors shard of an export.")
-    push_to_hub: Optional[str] = _f(None, "Hub repository id to push the export to.")
-    hub: str = _f("modelscope", "Hub to push to.", choices=("modelscope", "huggingface"))
+    max_shard_size: str = _f("5GB", "Largest safetensors shard of an export.", commands=("export",))
+    push_to_hub: Optional[str] = _f(None, "Hub repository id ('owner/name') to push the export to.", commands=("export",))
+    hub: str = _f("modelscope", "Hub to push to.", choices=("modelscope", "huggingface"), commands=("export",))
     hub_token: Optional[str] = _f(None, "Hub token. Prefer the environment variables MODELSCOPE_API_TOKEN / HF_TOKEN (the default): "
-                                  "a flag is visible to `ps`. Never written to the run folder, printed or logged.", secret=True)
-    hub_timeout: float = _f(60.0, "Connect and read timeout (seconds) of each hub request; a hub that stops answering fails the push with one line.")
-    hub_private: bool = _f(True, "Create the hub repository as private.")
-    commit_message: str = _f("Upload model trained with megalora", "Commit message of the push.")
+                                  "a flag is visible to `ps`. Never written to the run folder, printed or logged.", secret=True,
+                                  commands=("export",))
+    hub_timeout: float = _f(60.0, "Connect and read timeout (seconds) of each hub request; a hub that stops answering fails the push with one line.", commands=("export",))
+    hub_private: bool = _f(True, "Create the hub repository as private.", commands=("export",), aliases={"export": "private"})
+    commit_message: str = _f("Upload model trained with megalora", "Commit message of the push.", commands=("export",))
 
 
 @dataclass
 class Config:
+    """The training run: read by `sft`, and by `plan`, which sizes it."""
+    COMMANDS: ClassVar[tuple] = ("sft", "plan")
+
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -191,6 +209,41 @@ class Config:
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+# Keys of one command alone. Each section names the command that reads it.
+@dataclass
+class VerifySection:
+    COMMANDS: ClassVar[tuple] = ("verify",)
+    seq_length: int = _f(64, "Tokens per sample of the random token batch both sides run.")
+    batch_size: int = _f(2, "Samples in that batch.")
+    device: str = _f("auto", "Where megatron runs, and transformers in bfloat16 (auto: cuda when available); the "
+                     "float32 reference always runs on the CPU.", choices=("auto", "cpu", "cuda"))
+    tolerance: Optional[float] = _f(None, "Largest relative L2 error that passes (unset: 1e-5 in float32, 2e-2 in bfloat16).")
+
+
+@dataclass
+class ExportCommandSection:
+    COMMANDS: ClassVar[tuple] = ("export",)
+    checkpoint: Optional[str] = _f(None, "A checkpoint-<step>/ folder of a training run.", required=True, positional=True)
+    out: Optional[str] = _f(None, "Output folder (created; must be empty if it exists).", required=True)
+    mode: str = _f("merge", "merge: LoRA merged into the base weights, written as HF safetensors; adapter: a LoRA "
+                   "adapter (layout: adapter_format).", choices=("merge", "adapter"), flags=("merge", "adapter"))
+    adapter_format: Optional[str] = _f(None, "With --adapter: vllm (the default; 2D per-expert keys, one rank, loads in "
+                                       "vLLM as is), sglang (vllm without the router), peft (transformers 5 + peft's fused "
+                                       "expert parameters).", choices=(None, "vllm", "sglang", "peft"))
+    verify: bool = _f(True, "Compare the merged model with the unmerged one (holds the model twice in float32).")
+    verify_layers: Optional[int] = _f(None, "Verify only the first N decoder layers.")
+    hub_endpoint: Optional[str] = _f(None, "Hub address (unset: the hub's own).")
+
+
+@dataclass
+class PlanSection:
+    COMMANDS: ClassVar[tuple] = ("plan",)
+    num_gpus: Optional[int] = _f(None, "GPUs to plan for (unset: the launch's world size, else 8).")
+
+
+COMMAND_SECTIONS = {"verify": VerifySection, "export_command": ExportCommandSection, "plan": PlanSection}
 
 # ms-swift / megatron flags that name a fused kernel this build does not have. Accepted, and
 # each is reported at start with what runs instead (never silently ignored).
@@ -214,23 +267,35 @@ class Extras:
     env: dict = field(default_factory=dict)  # a YAML `ENV:` block: variables set before launch
 
 
-def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+def _field_index(sections: dict[str, type]) -> dict[str, tuple[str, dataclasses.Field]]:
     index = {}
-    for section in dataclasses.fields(Config):
-        for f in dataclasses.fields(section.type if isinstance(section.type, type) else _SECTION_TYPES[section.name]):
+    for name, section in sections.items():
+        for f in dataclasses.fields(section):
             assert f.name not in index, f"duplicate config key {f.name}"
-            index[f.name] = (section.name, f)
+            index[f.name] = (name, f)
     return index
 
 
 _SECTION_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
-FIELDS = _field_index()
-SECRET_KEYS = tuple(key for key, (_, f) in FIELDS.items() if f.metadata.get("secret"))
-_HINTS = {s: typing.get_type_hints(t) for s, t in _SECTION_TYPES.items()}
+FIELDS = _field_index(_SECTION_TYPES)  # the training tree
+ALL_SECTIONS = {**_SECTION_TYPES, **COMMAND_SECTIONS}
+ALL_FIELDS = _field_index(ALL_SECTIONS)  # every key of every command
+SECRET_KEYS = tuple(key for key, (_, f) in ALL_FIELDS.items() if f.metadata.get("secret"))
+_HINTS = {s: typing.get_type_hints(t) for s, t in ALL_SECTIONS.items()}
+
+
+def section_commands(section: str) -> tuple[str, ...]:
+    return COMMAND_SECTIONS[section].COMMANDS if section in COMMAND_SECTIONS else Config.COMMANDS
+
+
+def command_fields(command: str) -> dict[str, tuple[str, dataclasses.Field]]:
+    """The keys `command` reads, in declaration order: key -> (section, field)."""
+    return {key: (section, f) for key, (section, f) in ALL_FIELDS.items()
+            if command in section_commands(section) or command in f.metadata["commands"]}
 
 
 def _annotation(key: str):
-    section, _ = FIELDS[key]
+    section, _ = ALL_FIELDS[key]
     return _HINTS[section][key]
 
 
@@ -306,12 +371,15 @@ def _coerce(key: str, value: Any, where: str) -> Any:
 _SHAPE_KEYS = {"num_layers"}
 
 
-def suggestions(key: str, *, n: int = 3) -> list[str]:
+def suggestions(key: str, *, n: int = 3, known=None) -> list[str]:
     """Known keys close to `key`, best first, each once: shared words count before spelling. A name
-    another trainer uses for one of our keys (`max_steps`) names that key alone."""
-    if key in SEE_ALSO:
+    another trainer uses for one of our keys (`max_steps`) names that key alone. `known`: the names
+    one command takes (default: those of `sft`)."""
+    if known is None:
+        known = [*FIELDS, *ALIASES, *REPORTED, *REFUSED, *GPU_FUSIONS, *SECTIONS]
+    if SEE_ALSO.get(key) in known:
         return [SEE_ALSO[key]]
-    known = dict.fromkeys([*FIELDS, *ALIASES, *REPORTED, *REFUSED, *GPU_FUSIONS, *SECTIONS])
+    known = dict.fromkeys(known)
     words = set(key.split("_"))
 
     def score(cand: str) -> tuple[float, float]:
@@ -328,54 +396,73 @@ def suggestions(key: str, *, n: int = 3) -> list[str]:
     return sorted(ranked, key=score, reverse=True)[:n]
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    close = suggestions(key)
+def _unknown(key: str, where: str, known=None) -> ConfigError:
+    close = suggestions(key, known=known)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ConfigError(f"{where}: unknown key `{key}`{hint}")
 
 
 class ConfigBuilder:
-    """Collects values from YAML and flags, then builds a validated `Config`.
+    """Collects the values of one command's keys from YAML and flags, then builds a validated `Config`
+    (and, for a command with keys of its own, that command's section: `build_own`).
 
     A key may be given in any of its spellings (`save` or ms-swift 4's `output_dir`); two
     spellings of one key with different values in one YAML file or one command line are an
-    error, while flags override the YAML as usual."""
+    error, while flags override the YAML as usual. The ms-swift tables (aliases, reported,
+    refused and fused-kernel keys) belong to the training tree: `sft` and `plan` take them."""
 
-    def __init__(self):
+    def __init__(self, command: str = "sft"):
+        self.command = command
+        self.fields = command_fields(command)
+        self.swift = command in Config.COMMANDS
+        own = {f.metadata["aliases"][command]: key for key, (_, f) in self.fields.items() if command in f.metadata["aliases"]}
+        self.aliases = {**(ALIASES if self.swift else {}), **own}
+        # A bare `--merge` is `--mode merge`.
+        self.flag_values = {flag: key for key, (_, f) in self.fields.items() for flag in f.metadata["flags"]}
         self.values: dict[str, Any] = {}
         self.extras = Extras()
         self._spelt: dict[tuple[str, str], tuple[str, Any, str]] = {}  # (source, key) -> (spelling, value, where)
 
+    def known(self) -> list[str]:
+        """Every name this command takes, for suggestions."""
+        names = [*self.fields, *self.aliases, *self.flag_values]
+        return names + ([*REPORTED, *REFUSED, *GPU_FUSIONS, *SECTIONS] if self.swift else [])
+
     def set(self, key: str, value: Any, where: str, *, source: str = "") -> None:
         key = key.replace("-", "_")
-        if key in ALIASES:
-            self._check_spelling(ALIASES[key], key, value, where, source)
-            self.set(ALIASES[key], value, where)
+        if key in self.aliases:
+            self._check_spelling(self.aliases[key], key, value, where, source)
+            self.set(self.aliases[key], value, where)
             return
-        if key in REFUSED:
+        if self.swift and key in REFUSED:
             reason = refusal(key, value)
             if reason is not None:
                 raise ConfigError(f"{where}: `{key}`={coerce_scalar(value)!r} is refused: {reason}")
             self.extras.notes.append(f"--{key} {coerce_scalar(value)}: accepted (megalora's only behaviour)")
             return
-        if key in REPORTED:
+        if self.swift and key in REPORTED:
             self.extras.not_applicable[key] = coerce_scalar(value)
             return
-        if key in GPU_FUSIONS:
+        if self.swift and key in GPU_FUSIONS:
             default = GPU_FUSIONS[key][0]
             if isinstance(default, bool):
                 value = _coerce_bool(key, value, where)
             self.extras.gpu_fusions[key] = value
             return
-        if key not in FIELDS:
-            raise _unknown(key, where)
+        if key not in self.fields:
+            raise _unknown(key, where, self.known())
         self._check_spelling(key, key, value, where, source)
         try:
-            self.values[key] = _coerce(key, value, where)
+            value = _coerce(key, value, where)
         except ConfigError:
             if key in SECRET_KEYS:
                 raise ConfigError(f"{where}: `{key}` expects one string value") from None
             raise
+        choices = self.fields[key][1].metadata["choices"]
+        if choices is not None and value not in choices:
+            allowed = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"{where}: `{key}` must be one of {allowed}; got {value!r}")
+        self.values[key] = value
 
     def _check_spelling(self, key: str, spelling: str, value: Any, where: str, source: str) -> None:
         if not source:
@@ -401,8 +488,8 @@ class ConfigBuilder:
                 self._set_env(value, path)
             elif key in SECTIONS and isinstance(value, dict):
                 for sub, sub_value in value.items():
-                    if sub in FIELDS and FIELDS[sub][0] != key:
-                        raise ConfigError(f"{path}: key `{sub}` belongs in section `{FIELDS[sub][0]}`, not `{key}`")
+                    if sub in ALL_FIELDS and ALL_FIELDS[sub][0] != key:
+                        raise ConfigError(f"{path}: key `{sub}` belongs in section `{ALL_FIELDS[sub][0]}`, not `{key}`")
                     self.set(sub, sub_value, f"{path}: {key}.{sub}", source=source)
             else:
                 self.set(key, value, f"{path}: {key}", source=source)
@@ -437,18 +524,39 @@ class ConfigBuilder:
                     values.append(argv[i])
                     i += 1
             norm = key.replace("-", "_")
+            if norm in self.flag_values and norm not in self.fields:
+                self._set_flag(norm, values)
+                continue
             if not values:
                 values = ["true"]
-            target = ALIASES.get(norm, norm)
-            if target in FIELDS and _base_type(_annotation(target))[0] is list:
+            target = self.aliases.get(norm, norm)
+            if target in ALL_FIELDS and _base_type(_annotation(target))[0] is list:
                 self.set(norm, values, f"--{key}", source="command line")
             else:
                 self.set(norm, values if len(values) > 1 else values[0], f"--{key}", source="command line")
 
+    def _set_flag(self, flag: str, values: list[str]) -> None:
+        key = self.flag_values[flag]
+        if values:
+            raise ConfigError(f"--{flag} takes no value (it is `{key}` {flag}); got {' '.join(values)!r}")
+        earlier = self._spelt.setdefault(("command line", key), (f"--{flag}", flag, f"--{flag}"))
+        if earlier[1] != flag:
+            raise ConfigError(f"--{flag} conflicts with {earlier[0]}: both set `{key}`; give one")
+        self.set(key, flag, f"--{flag}")
+
+    def set_positionals(self, tokens: list[str]) -> None:
+        """Values given without `--key`, in the order the command declares them."""
+        keys = [key for key, (_, f) in self.fields.items() if f.metadata["positional"]]
+        if len(tokens) > len(keys):
+            raise ConfigError(f"unexpected argument {tokens[len(keys)]!r}: flags are spelt --key value")
+        for key, token in zip(keys, tokens):
+            self.set(key, token, key.upper())
+
     def build(self) -> Config:
         sections = {name: {} for name in SECTIONS}
         for key, value in self.values.items():
-            sections[FIELDS[key][0]][key] = value
+            if ALL_FIELDS[key][0] in sections:
+                sections[ALL_FIELDS[key][0]][key] = value
         cfg = Config(**{name: _SECTION_TYPES[name](**kw) for name, kw in sections.items()})
         check_choices(cfg)
         check_static(cfg)
@@ -457,6 +565,17 @@ class ConfigBuilder:
                                         "Megatron default would be full fine-tuning, which megalora does not offer")
         return cfg
 
+    def build_own(self):
+        """The section of keys this command alone reads, or None when it has none."""
+        own = [name for name, section in COMMAND_SECTIONS.items() if self.command in section.COMMANDS]
+        if not own:
+            return None
+        (name,) = own
+        for key, (section, f) in self.fields.items():
+            if section == name and f.metadata["required"] and key not in self.values:
+                raise ConfigError(f"{key.upper() if f.metadata['positional'] else '--' + key} is required")
+        return COMMAND_SECTIONS[name](**{k: v for k, v in self.values.items() if ALL_FIELDS[k][0] == name})
+
 
 def _is_number(tok: str) -> bool:
     try:
@@ -464,17 +583,6 @@ def _is_number(tok: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def bool_flag(text: str) -> bool:
-    """argparse type for `--flag true|false` in the commands that take no config tree."""
-    import argparse
-
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _coerce_bool(key, value, where):
@@ -585,8 +693,10 @@ def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = Non
             "grad_accum": t.global_batch_size // per_step}
 
 
-def load_config(yaml_path: str | Path | None = None, argv: list[str] | None = None) -> tuple[Config, Extras]:
-    builder = ConfigBuilder()
+def load_config(yaml_path: str | Path | None = None, argv: list[str] | None = None, *,
+                command: str = "sft") -> tuple[Config, Extras]:
+    """The training tree from a YAML file and `--key value` flags, as `command` (sft or plan) reads them."""
+    builder = ConfigBuilder(command)
     if yaml_path is not None:
         builder.update_yaml(yaml_path)
     builder.update_flags(list(argv or []))

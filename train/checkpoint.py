@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megalora.errors import UserError
 from megalora.train.lora.layout import gather_lora_state, shard_lora_state
 from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
 
@@ -108,7 +109,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
     return final
 
 
-class CheckpointWriteError(ValueError):
+class CheckpointWriteError(UserError, ValueError):
     """A checkpoint could not be written (disk full, permission denied); every rank raises it."""
 
 

@@ -4,43 +4,20 @@ adapter loaded by peft) on the same tokens, on any layout.
 Runs as one process or under `torchrun --nproc_per_node N -m megalora verify ...`. Ends with
 one line a script can read and exits non-zero on FAIL:
     verify: rel_l2=<float> max_abs=<float> argmax_agree=<fraction> status=ok|FAIL
-Both sides run in `--torch_dtype`, megatron on `--device` (transformers too, except in fp32,
+Both sides run in `--torch_dtype` (auto: bfloat16 on CUDA, float32 on the CPU), megatron on `--device` (transformers too, except in fp32,
 where it runs on the CPU, its exact path); the pass bounds are the export's: fp32
 relative L2 <= 1e-5 with every argmax equal, bf16 <= 2e-2 with >= 90% equal.
 In bf16 a line before it gives each side's distance from transformers in fp32.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 
-from megalora.config import bool_flag
-
-_DTYPES = ("float32", "bfloat16")
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megalora verify", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="HF model folder or hub id (`demo`: the embedded tiny model)")
-    p.add_argument("--adapter", default=None, help="PEFT adapter folder to load on both sides")
-    p.add_argument("--layers", type=int, default=None, help="check only the first N decoder layers")
-    p.add_argument("--tensor_model_parallel_size", type=int, default=1)
-    p.add_argument("--expert_model_parallel_size", type=int, default=1)
-    p.add_argument("--sequence_parallel", type=bool_flag, default=False)
-    p.add_argument("--use_hf", type=bool_flag, default=False, help="resolve hub ids through the Hugging Face hub")
-    p.add_argument("--seq_length", type=int, default=64, help="tokens per sample")
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--torch_dtype", default="float32", choices=sorted(_DTYPES),
-                   help="dtype of both models (weights and compute)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where megatron runs, and transformers in bf16 (auto: cuda when available); the fp32 reference runs on the CPU")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="largest relative L2 error that passes (default: 1e-5 fp32, 2e-2 bf16)")
-    p.add_argument("--seed", type=int, default=0)
-    return p
+from megalora.commands import parse_command, render_help, wants_help
+from megalora.config import ConfigError
 
 
 def _apply_adapter(model, info, adapter_dir) -> None:
@@ -51,36 +28,43 @@ def _apply_adapter(model, info, adapter_dir) -> None:
 
 
 def cmd_verify(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    from megalora.config import ConfigError
-
-    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    if wants_help(argv):
+        print(render_help("verify"))
+        return 0
+    parsed = parse_command("verify", argv)
+    cfg, own = parsed.config, parsed.own
+    tp, ep = cfg.parallel.tensor_model_parallel_size, cfg.parallel.expert_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    adapter = cfg.lora.adapters
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     if world % tp or world % ep:
         raise ConfigError(f"world size {world} is not divisible by `tensor_model_parallel_size`={tp} and "
                           f"`expert_model_parallel_size`={ep}")
-    sequence_parallel = args.sequence_parallel and tp > 1
+    if own.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
+    on_cuda = own.device == "cuda" or (own.device == "auto" and torch.cuda.is_available())
+    dtype = cfg.model.torch_dtype if cfg.model.torch_dtype != "auto" else ("bfloat16" if on_cuda else "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--torch_dtype {dtype}: verify compares in float32 or bfloat16 (its pass bounds are for those)")
+    sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
     from megalora.dry_run import resolve_model_dir_from_name
     from megalora.parallel import groups
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import run_verify
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine")
     groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = "cuda" if on_cuda else "cpu"
     if device == "cuda":
         # The rank's own GPU, chosen by groups.initialize from LOCAL_RANK.
         device = f"cuda:{torch.cuda.current_device()}"
-    model_dir = resolve_model_dir_from_name(args.model, use_hf=args.use_hf)
+    model_dir = resolve_model_dir_from_name(cfg.model.model, use_hf=cfg.model.use_hf)
     try:
-        result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, tp=tp, ep=ep,
-                            sequence_parallel=sequence_parallel, tolerance=args.tolerance,
-                            dtype=getattr(torch, args.torch_dtype), device=device,
-                            seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed,
-                            apply_adapter=_apply_adapter if args.adapter else None)
+        result = run_verify(model_dir, adapter=adapter, num_layers=cfg.model.num_layers, tp=tp, ep=ep,
+                            sequence_parallel=sequence_parallel, tolerance=own.tolerance,
+                            dtype=getattr(torch, dtype), device=device,
+                            seq_length=own.seq_length, batch_size=own.batch_size, seed=cfg.train.seed,
+                            apply_adapter=_apply_adapter if adapter else None)
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:
