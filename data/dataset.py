@@ -145,7 +145,7 @@ def dump_encoded(dataset: TokenizedDataset, path: str | Path) -> None:
 def _split(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
     num_val = max(1, int(round(len(rows) * ratio)))
     if num_val >= len(rows):
-        raise ValueError(f"`split_dataset_ratio`={ratio} leaves no training rows out of {len(rows)}")
+        raise DataError(f"`split_dataset_ratio`={ratio} leaves no training rows out of {len(rows)}")
     held = set(np.random.default_rng([seed, 1]).permutation(len(rows))[:num_val].tolist())
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
@@ -162,7 +162,7 @@ def build_datasets(cfg_data, tokenizer, *, cache_dir: str | Path | None, rank: i
     """
     check_tokenizer(tokenizer)
     if not cfg_data.dataset:
-        raise ValueError("`dataset` is empty: give JSONL files, folders, globs, `datasets` folders or hub ids")
+        raise DataError("`dataset` is empty: give JSONL files, folders, globs, `datasets` folders or hub ids")
     progress = rank == 0 if progress is None else progress
     barrier = _default_barrier() if barrier is None else barrier
     rows = read_datasets(list(cfg_data.dataset), seed=cfg_data.data_seed, use_hf=use_hf, hub_timeout=hub_timeout)
@@ -174,7 +174,7 @@ def build_datasets(cfg_data, tokenizer, *, cache_dir: str | Path | None, rank: i
     common = dict(cache_dir=cache_dir, rank=rank, log=log, progress=progress, barrier=barrier)
     train = _tokenise(rows, tokenizer, cfg_data, name="train", **common)
     if len(train) == 0:
-        raise ValueError(f"no training samples left: {train.stats.rows_read} rows read, skipped {train.stats.skipped}")
+        raise DataError(f"no training samples left: {train.stats.rows_read} rows read, skipped {train.stats.skipped}")
     if cfg_data.dump_encoded and rank == 0:
         dump_encoded(train, cfg_data.dump_encoded)
         log(f"data[train]: wrote {len(train)} encoded samples to {cfg_data.dump_encoded}")

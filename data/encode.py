@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megalora.data.errors import RowProblem
+from megalora.data.errors import DataError, RowProblem
 from megalora.data.swift_options import LOSS_SCALES, apply_loss_scale
 
 IGNORE_INDEX = -100
@@ -254,4 +254,4 @@ def encode_conversation(tokenizer, conv: dict, settings: EncodeSettings, *, info
 def check_tokenizer(tokenizer) -> None:
     """Raise ValueError unless the tokenizer has a chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
+        raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")

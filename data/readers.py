@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megalora.data.errors import DataError
 from megalora.data.hub_datasets import DEFAULT_TIMEOUT_S, HubDatasetError, load_hub_dataset
 
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -42,7 +43,7 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
     if not sep or not count.isdigit():
         return spec, None
     if int(count) < 1:
-        raise ValueError(f"dataset `{spec}`: the sample count after # must be >= 1")
+        raise DataError(f"dataset `{spec}`: the sample count after # must be >= 1")
     return target, int(count)
 
 
@@ -52,8 +53,8 @@ def parse_hub_target(target: str) -> tuple[str, list[str]]:
     if not sep:
         return target, []
     if not _SUBSETS.match(subsets):
-        raise ValueError(f"dataset `{target}`: after `:` give subset names separated by `/` (e.g. "
-                         f"`{dataset_id}:default`)")
+        raise DataError(f"dataset `{target}`: after `:` give subset names separated by `/` (e.g. "
+                        f"`{dataset_id}:default`)")
     return dataset_id, subsets.split("/")
 
 
@@ -81,7 +82,7 @@ def read_datasets_folder(path: Path) -> list[Row]:
         elif len(ds) == 1:
             ds = next(iter(ds.values()))
         else:
-            raise ValueError(f"{path}: a `datasets` folder with splits {sorted(ds)} and no `train` split")
+            raise DataError(f"{path}: a `datasets` folder with splits {sorted(ds)} and no `train` split")
     return [Row(str(path), i + 1, obj=dict(row)) for i, row in enumerate(ds)]
 
 
@@ -99,18 +100,18 @@ def read_source(target: str, *, use_hf: bool = False, hub_timeout: float = DEFAU
             return read_datasets_folder(path)
         files = _files_in(path)
         if not files:
-            raise ValueError(f"dataset folder `{target}` holds no .jsonl/.json files and is not a `datasets` folder")
+            raise DataError(f"dataset folder `{target}` holds no .jsonl/.json files and is not a `datasets` folder")
         return [row for f in files for row in read_jsonl(f)]
     if glob.has_magic(target):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not files:
-            raise ValueError(f"dataset glob `{target}` matches no files")
+            raise DataError(f"dataset glob `{target}` matches no files")
         return [row for f in files for row in read_jsonl(f)]
     dataset_id, subsets = parse_hub_target(target) if ":" in target and _HUB_ID.match(target.partition(":")[0]) \
         else (target, [])
     if target.startswith(("/", "./", "../", "~")) or target.endswith(JSONL_SUFFIXES) or not _HUB_ID.match(dataset_id):
-        raise ValueError(f"dataset `{target}` not found: no such file or folder (a hub id looks like `owner/name`, "
-                         "a subset of one `owner/name:subset`)")
+        raise DataError(f"dataset `{target}` not found: no such file or folder (a hub id looks like `owner/name`, "
+                        "a subset of one `owner/name:subset`)")
     rows = []
     for subset in subsets or [None]:
         source = f"{'hf' if use_hf else 'modelscope'}:{dataset_id}" + (f":{subset}" if subset else "")
@@ -142,7 +143,7 @@ def read_datasets(specs: list[str], *, seed: int, use_hf: bool = False,
         source_rows = read_source(target, use_hf=use_hf, hub_timeout=hub_timeout)
         if count is not None:
             if not source_rows:
-                raise ValueError(f"dataset `{spec}`: nothing to sample from, `{target}` has no rows")
+                raise DataError(f"dataset `{spec}`: nothing to sample from, `{target}` has no rows")
             source_rows = [source_rows[i] for i in sample_indices(len(source_rows), count, seed=[seed, index])]
         rows.extend(source_rows)
     return rows

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from megalora.data.errors import DataError
 from megalora.data.pack import best_fit_decreasing, collate, packing_efficiency
 
 
@@ -90,8 +91,8 @@ class BatchLoader:
                                     accumulation=accumulation)
         if self.sampler.steps_per_epoch == 0:
             what = "packed sequences" if packing else "samples"
-            raise ValueError(f"{len(self.bins)} {what} cannot fill one micro-batch of {micro_batch_size} on each of "
-                             f"{dp_size} data-parallel ranks")
+            raise DataError(f"{len(self.bins)} {what} cannot fill one micro-batch of {micro_batch_size} on each of "
+                            f"{dp_size} data-parallel ranks")
         self.state = DataLoaderState(epoch=epoch, position=0)
 
     @property
@@ -103,7 +104,7 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["position"] <= self.batches_per_epoch:
-            raise ValueError(f"data loader state {state} does not fit an epoch of {self.batches_per_epoch} micro-batches")
+            raise DataError(f"data loader state {state} does not fit an epoch of {self.batches_per_epoch} micro-batches")
         self.state = DataLoaderState(epoch=int(state["epoch"]), position=int(state["position"]))
 
     def collate_items(self, items: np.ndarray) -> dict[str, torch.Tensor]:

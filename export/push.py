@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from megalora.config import ConfigError
 from megalora.errors import UserError
 
 HUBS: dict[str, str] = {"modelscope": "MODELSCOPE_API_TOKEN", "huggingface": "HF_TOKEN"}
@@ -69,11 +70,11 @@ def push_folder(
     if not files:
         raise ValueError(f"push: folder '{source}' holds no files to upload")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"push_to_hub: repository id {repo_id!r} must look like 'owner/name'")
+        raise ConfigError(f"push_to_hub: repository id {repo_id!r} must look like 'owner/name'")
     if max_retries < 0:
         raise ValueError(f"max_retries: must be >= 0, got {max_retries}")
     if not timeout_s > 0:
-        raise ValueError(f"hub_timeout: must be > 0 seconds, got {timeout_s}")
+        raise ConfigError(f"hub_timeout: must be > 0 seconds, got {timeout_s}")
     token = token or os.environ.get(HUBS[hub]) or None
     if hub == "huggingface":
         client: _HfClient | _MsClient = _HfClient(endpoint, token, timeout_s=timeout_s)

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megalora.config import ConfigError
 from megalora.export.push import DEFAULT_COMMIT_MESSAGE
 from megalora.export.merge import LoraKeys, lora_delta_factors, lora_keys_for, merge_rule
 from megalora.export.writer import (
@@ -100,18 +101,18 @@ def read_meta(checkpoint_dir: str | Path) -> dict:
     ckpt = Path(checkpoint_dir)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
-        raise ValueError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
+        raise ConfigError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path}: not valid JSON ({err})") from None
+        raise ConfigError(f"{meta_path}: not valid JSON ({err})") from None
     for key in ("base_model", "config"):
         if key not in meta:
-            raise ValueError(f"{meta_path}: missing key {key!r}")
+            raise ConfigError(f"{meta_path}: missing key {key!r}")
     if not (ckpt / "adapter_model.safetensors").is_file():
-        raise ValueError(f"{ckpt}: no adapter_model.safetensors")
+        raise ConfigError(f"{ckpt}: no adapter_model.safetensors")
     if not (Path(meta["base_model"]) / "config.json").is_file():
-        raise ValueError(f"{meta_path}: base_model {meta['base_model']!r} is not an HF model folder (no config.json)")
+        raise ConfigError(f"{meta_path}: base_model {meta['base_model']!r} is not an HF model folder (no config.json)")
     return meta
 
 
@@ -131,7 +132,7 @@ def lora_scale(lora_cfg: dict) -> float:
         return LoraOptions(rank=int(lora_cfg["lora_rank"]), alpha=float(lora_cfg["lora_alpha"]),
                            use_rslora=bool(lora_cfg.get("use_rslora", False))).scaling
     except KeyError as err:
-        raise ValueError(f"meta.json config.lora: missing key {err}") from None
+        raise ConfigError(f"meta.json config.lora: missing key {err}") from None
 
 
 def _catalog(base_dir: Path) -> dict[str, TensorInfo]:
@@ -162,11 +163,11 @@ def plan_units(rules: list[Rule], catalog: dict[str, TensorInfo], lora_names: se
         names = tuple(s.name for s in rule.sources)
         for n in names:
             if n not in catalog:
-                raise ValueError(f"{base_dir}: tensor {n!r} is missing from the base model's safetensors")
+                raise ConfigError(f"{base_dir}: tensor {n!r} is missing from the base model's safetensors")
         keys = lora_keys_for(rule.megatron, lora_names)
         if keys is not None:
             if keys.b not in lora_names:
-                raise ValueError(f"adapter_model.safetensors has {keys.a} but not {keys.b}")
+                raise ConfigError(f"adapter_model.safetensors has {keys.a} but not {keys.b}")
             used_lora.update((keys.a, keys.b))
         unit_of(names[0]).items.append(Item(names, rule, keys))
         covered.update(names)
@@ -176,8 +177,8 @@ def plan_units(rules: list[Rule], catalog: dict[str, TensorInfo], lora_names: se
     if unused:
         hint = (" (LoRA on the output layer of a model with tied embeddings cannot be merged)"
                 if any(n.startswith("output_layer.") for n in unused) else "")
-        raise ValueError(f"adapter_model.safetensors: LoRA tensors that adapt no weight of {base_dir}: "
-                         f"{unused[:4]}{hint}")
+        raise ConfigError(f"adapter_model.safetensors: LoRA tensors that adapt no weight of {base_dir}: "
+                          f"{unused[:4]}{hint}")
     return [units[k] for k in sorted(units, key=lambda k: (k != "other", k))]
 
 
@@ -204,8 +205,8 @@ def _merge_unit(unit: Unit, *, base_dir: Path, adapter_path: Path, scale: float,
                     lora = lora_delta_factors(a, b, keys, out_rows=rows)
                     outputs = merge_rule(item.rule, sources, lora, scale=scale)
                 except ValueError as err:
-                    raise ValueError(f"{adapter_path}: {item.lora.a} / {item.lora.b} for "
-                                     f"{', '.join(item.sources)}: {err}") from None
+                    raise ConfigError(f"{adapter_path}: {item.lora.a} / {item.lora.b} for "
+                                      f"{', '.join(item.sources)}: {err}") from None
             else:
                 outputs = tuple(sources)
             del sources
@@ -215,7 +216,7 @@ def _merge_unit(unit: Unit, *, base_dir: Path, adapter_path: Path, scale: float,
 
 def _check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out}: exists and is not an empty folder")
+        raise ConfigError(f"--out {out}: exists and is not an empty folder")
 
 
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: str = "merge",
@@ -287,8 +288,8 @@ def _export_merged(ckpt: Path, out: Path, meta: dict, *, max_shard_size: str | i
     num_layers = (meta["config"].get("model") or {}).get("num_layers")
     spec = read_hf_config(base)
     if num_layers is not None and num_layers != spec.num_layers:
-        raise ValueError(f"{ckpt}: trained on the first {num_layers} of {spec.num_layers} layers (model.num_layers); "
-                         "a merged export needs an adapter for the whole model")
+        raise ConfigError(f"{ckpt}: trained on the first {num_layers} of {spec.num_layers} layers (model.num_layers); "
+                          "a merged export needs an adapter for the whole model")
     adapter_path = ckpt / "adapter_model.safetensors"
     with safe_open(str(adapter_path), "pt") as handle:
         lora_names = set(handle.keys())
@@ -388,7 +389,7 @@ def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None =
     with torch.no_grad():
         for name in layout:
             if name not in full:
-                raise ValueError(f"{ckpt}: adapter_model.safetensors lacks {name} that the model's LoRA has")
+                raise ConfigError(f"{ckpt}: adapter_model.safetensors lacks {name} that the model's LoRA has")
             _copy_lora(params[name], full[name], name=name)
     tokens = default_tokens(info.vocab_size, num_tokens=num_tokens)
     ours = megatron_logits(model, info, tokens)
@@ -413,5 +414,5 @@ def _copy_lora(param: torch.nn.Parameter, value: Tensor, *, name: str) -> None:
         param.zero_()
         param[:rows].copy_(value[:rows].to(param.dtype))
         return
-    raise ValueError(f"adapter_model.safetensors: {name} has shape {tuple(value.shape)}, "
-                     f"the model expects {tuple(param.shape)} (another base model?)")
+    raise ConfigError(f"adapter_model.safetensors: {name} has shape {tuple(value.shape)}, "
+                      f"the model expects {tuple(param.shape)} (another base model?)")

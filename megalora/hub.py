@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+from megalora.config import ConfigError
+
+
 # Everything a model folder needs for training and export; weights only as safetensors.
 DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
     "*.json",  # config, generation_config, tokenizer(_config), special tokens, safetensors index
@@ -90,12 +93,12 @@ def resolve_model(
 
 def _checked_folder(folder: Path, *, what: str) -> Path:
     if not folder.is_dir():
-        raise ValueError(
+        raise ConfigError(
             f"{what}: '{folder}' is not a folder, and not a hub id of the form 'Org/Name'; "
             "pass a local model folder or a hub id"
         )
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{what}: folder '{folder}' has no config.json; pass a Hugging Face model folder")
+        raise ConfigError(f"{what}: folder '{folder}' has no config.json; pass a Hugging Face model folder")
     return folder
 
 
@@ -183,7 +186,7 @@ def _from_cache(model_id: str, *, hub: str, allow: list[str], reason: str) -> Pa
             )
     except Exception as exc:  # noqa: BLE001 - turned into one message naming the id and the fixes
         other = "--use_hf false (ModelScope)" if hub == "huggingface" else "--use_hf true (Hugging Face hub)"
-        raise ValueError(
+        raise ConfigError(
             f"model '{model_id}' is not a local folder and could not be resolved through {hub} "
             f"({hub_endpoint(hub)}): {reason}; it is not in the {hub} cache either "
             f"({type(exc).__name__}: {exc}). Pass a local path to a folder holding config.json, "

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megalora.config import ConfigError
 from megalora.errors import UserError
 from megalora.train.lora.layout import gather_lora_state, shard_lora_state
 from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
@@ -150,8 +151,8 @@ def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], sam
     full = load_file(str(path / "adapter_model.safetensors"))
     missing = sorted(set(layout) - set(full))
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks LoRA tensors this model has, e.g. {missing[:3]} "
-                         "(was it trained with other target_modules?)")
+        raise ConfigError(f"{path}: checkpoint lacks LoRA tensors this model has, e.g. {missing[:3]} "
+                          "(was it trained with other target_modules?)")
     shards = shard_lora_state(full, layout, **shard_kw)
     named = {n: p for n, p in model.named_parameters() if n in layout}
     with torch.no_grad():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from megalora.config import ConfigError
 from megalora.train.checkpoint import load_checkpoint, save_checkpoint
 from megalora.train.logging import Progress, make_sinks
 from megalora.train.run_dir import (check_base_model, fingerprint_model, prune_checkpoints, resolve_resume, start_run,
@@ -38,8 +39,8 @@ class Trainer:
                                            weight_decay=t.weight_decay)
         self.steps_per_epoch = loader.batches_per_epoch // grad_accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"one epoch has {loader.batches_per_epoch} micro-batches per DP rank, fewer than the "
-                             f"{grad_accum} one step needs: lower `global_batch_size` or add data")
+            raise ConfigError(f"one epoch has {loader.batches_per_epoch} micro-batches per DP rank, fewer than the "
+                              f"{grad_accum} one step needs: lower `global_batch_size` or add data")
         self.total_steps = t.train_iters if t.train_iters is not None else t.max_epochs * self.steps_per_epoch
         self.warmup = warmup_steps(total_steps=self.total_steps, warmup_fraction=t.lr_warmup_fraction,
                                    warmup_iters=t.lr_warmup_iters)
@@ -93,8 +94,8 @@ class Trainer:
             saved.get("dp_size", sampler.dp_size)
         per_round = sampler.micro_batch_size * sampler.dp_size
         if consumed % per_round:
-            raise ValueError(f"`resume`: {path} stopped after {consumed} samples of its epoch, not a whole number "
-                             f"of this run's micro-batch rounds ({per_round} samples); keep global_batch_size")
+            raise ConfigError(f"`resume`: {path} stopped after {consumed} samples of its epoch, not a whole number "
+                              f"of this run's micro-batch rounds ({per_round} samples); keep global_batch_size")
         return {"epoch": saved["epoch"], "position": consumed // per_round}
 
     # -- pieces --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megalora.config import Config, ConfigError, Extras, check_layout, save_config
+from megalora.errors import UserError
 
 
 @dataclass
@@ -142,7 +143,9 @@ def train(cfg: Config, extras: Extras) -> int:
     rt = setup_distributed(cfg)
     try:
         return _train(cfg, extras, rt)
-    except (ConfigError, ValueError) as e:
+    except UserError as e:
+        # A mistake in the user's input names the key, file or row: one line, exit 2. Anything
+        # else is a bug and keeps its traceback.
         # One write per line: the ranks share the terminal, and print's separate newline interleaves.
         sys.stderr.write(f"megalora sft: error (rank {rt.rank}): {e}\n")
         sys.stderr.flush()

@@ -22,6 +22,9 @@ import shutil
 import uuid
 from pathlib import Path
 
+from megalora.config import ConfigError
+
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 RUN_FILE = "run.json"
 PARTIAL_PREFIXES = (".tmp-checkpoint-", ".latest.tmp")
@@ -65,7 +68,7 @@ def _read_meta(path: Path) -> dict:
     try:
         return json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path / 'meta.json'}: unreadable checkpoint metadata ({e})") from None
+        raise ConfigError(f"{path / 'meta.json'}: unreadable checkpoint metadata ({e})") from None
 
 
 def prune_checkpoints(run_dir: Path, keep: int | None, *, run_id: str) -> list[Path]:
@@ -103,16 +106,16 @@ def verify_checkpoint(path: Path) -> dict:
     """meta.json of a checkpoint whose files are all present with the checksums it records."""
     path = Path(path)
     if not (path / "meta.json").is_file():
-        raise ValueError(f"{path}: not a megalora checkpoint folder (no meta.json)")
+        raise ConfigError(f"{path}: not a megalora checkpoint folder (no meta.json)")
     meta = _read_meta(path)
     for rel, digest in meta.get("checksums", {}).items():
         if not (path / rel).is_file():
-            raise ValueError(f"{path}: checkpoint file {rel} is missing; resume from an earlier checkpoint")
+            raise ConfigError(f"{path}: checkpoint file {rel} is missing; resume from an earlier checkpoint")
     actual = file_checksums(path)
     for rel, digest in meta.get("checksums", {}).items():
         if actual[rel] != digest:
-            raise ValueError(f"{path / rel}: checksum differs from the one recorded in meta.json (the file changed "
-                             "after it was saved); resume from an earlier checkpoint")
+            raise ConfigError(f"{path / rel}: checksum differs from the one recorded in meta.json (the file changed "
+                              "after it was saved); resume from an earlier checkpoint")
     return meta
 
 
@@ -123,16 +126,16 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
         path = read_latest(run_dir)
         if path is None:
             found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
-            raise ValueError(f"`resume`=latest: {run_dir} has no `latest` file: no checkpoint of it was completed "
-                             f"(complete checkpoint folders: {found}); start without --resume, or pass a checkpoint "
-                             "folder")
+            raise ConfigError(f"`resume`=latest: {run_dir} has no `latest` file: no checkpoint of it was completed "
+                              f"(complete checkpoint folders: {found}); start without --resume, or pass a checkpoint "
+                              "folder")
         if not path.is_dir():
-            raise ValueError(f"`resume`=latest: {run_dir / 'latest'} names {path.name}, which does not exist")
+            raise ConfigError(f"`resume`=latest: {run_dir / 'latest'} names {path.name}, which does not exist")
         meta = verify_checkpoint(path)
         owner = read_run_id(run_dir)
         if owner is not None and meta.get("run_id") not in (None, owner):
-            raise ValueError(f"`resume`=latest: {path} belongs to run {meta.get('run_id')}, not to the run "
-                             f"{owner} of {run_dir / RUN_FILE}")
+            raise ConfigError(f"`resume`=latest: {path} belongs to run {meta.get('run_id')}, not to the run "
+                              f"{owner} of {run_dir / RUN_FILE}")
         return path
     path = Path(resume)
     verify_checkpoint(path)
@@ -199,13 +202,13 @@ def fingerprint_model(model_dir: Path) -> str:
             raw = f.read(8)
             header_len = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
             if len(raw) < 8 or header_len > size - 8:
-                raise ValueError(f"{p}: not a safetensors file (truncated or corrupt header)")
+                raise ConfigError(f"{p}: not a safetensors file (truncated or corrupt header)")
             header = f.read(header_len)
             h.update(header)
             try:
                 spans = [v["data_offsets"] for k, v in json.loads(header).items() if k != "__metadata__"]
             except (ValueError, KeyError, TypeError, AttributeError):
-                raise ValueError(f"{p}: not a safetensors file (corrupt header)") from None
+                raise ConfigError(f"{p}: not a safetensors file (corrupt header)") from None
             for begin, end in sorted(spans):
                 for at in {begin, (begin + end) // 2, max(begin, end - 64)}:
                     f.seek(8 + header_len + at)
@@ -220,9 +223,9 @@ def check_base_model(meta: dict, model_dir: Path, *, where: str, allow_change: b
     fingerprint = fingerprint or fingerprint_model(model_dir)
     recorded = meta.get("base_model_fingerprint")
     if recorded is not None and recorded != fingerprint and not allow_change:
-        raise ValueError(f"{where}: trained on base model {meta.get('base_model')} (fingerprint {recorded}); "
-                         f"{Path(model_dir).resolve()} has different weights (fingerprint {fingerprint}); "
-                         "use the same base, or --allow_base_model_change true to go on knowingly")
+        raise ConfigError(f"{where}: trained on base model {meta.get('base_model')} (fingerprint {recorded}); "
+                          f"{Path(model_dir).resolve()} has different weights (fingerprint {fingerprint}); "
+                          "use the same base, or --allow_base_model_change true to go on knowingly")
     return fingerprint
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megalora.data.errors import DataError
+
 IGNORE_INDEX = -100
 
 
@@ -128,7 +130,7 @@ def train_step(model, micro_batches: list[dict], *, device: torch.device, packed
     local = torch.tensor([float(sum(int(b["num_trained_tokens"]) for b in micro_batches))], dtype=torch.float64)
     global_tokens = float(dp_all_reduce(local.clone())[0])
     if global_tokens == 0:
-        raise ValueError("a global batch without any trained token: check the label masks of the data")
+        raise DataError("a global batch without any trained token: check the label masks of the data")
     # MoE auxiliary loss: mean over micro-batches and DP ranks, as megatron scales it.
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(micro_batches), device=device))
     for p in params:

@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.transformer_block import TransformerBlock
 
+from megalora.config import ConfigError
 from megalora.train.lora.experts import LoraExperts
 from megalora.train.lora.gates import add_router_lora, add_shared_expert_gate_lora
 from megalora.train.lora.layers import LoraLinear
@@ -79,7 +80,7 @@ def _resolve_targets(target_modules: Any) -> set[str]:
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     unknown = [n for n in names if n not in KNOWN_TARGETS]
     if unknown:
-        raise ValueError(f"lora.target_modules: unknown {unknown}; allowed: {', '.join(KNOWN_TARGETS)}")
+        raise ConfigError(f"lora.target_modules: unknown {unknown}; allowed: {', '.join(KNOWN_TARGETS)}")
     chosen = set(names)
     if "all-linear" in chosen:
         chosen.discard("all-linear")
@@ -98,7 +99,7 @@ class _Selector:
         try:
             self.regex = re.compile(cfg.target_regex) if cfg.target_regex else None
         except re.error as err:
-            raise ValueError(f"lora.target_regex: invalid regular expression ({err})") from None
+            raise ConfigError(f"lora.target_regex: invalid regular expression ({err})") from None
         self.exclude = list(cfg.exclude_modules or [])
 
     def wants(self, name: str, short: str) -> bool:
@@ -200,8 +201,8 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
                 select.wants(f"{name}.gate", "shared_expert_gate"):
             plan.append((name, "shared_expert_gate", module, ()))
     if not plan:
-        raise ValueError(f"lora.target_modules={lora_cfg.target_modules!r} / target_regex="
-                         f"{lora_cfg.target_regex!r} matched no module of the model")
+        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules!r} / target_regex="
+                          f"{lora_cfg.target_regex!r} matched no module of the model")
     for name, kind, module, projections in plan:
         init_seed = _seed_for(seed, name)
         frozen = _adapted_base_params(module, kind, projections)

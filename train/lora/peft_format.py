@@ -60,6 +60,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from megalora.config import ConfigError
 from megalora.train.model.hf_config import HFModelSpec
 from megalora.train.model.mapping import Rule, Source, rules_for
 
@@ -263,17 +264,17 @@ def read_checkpoint_lora(checkpoint_dir: str | Path) -> tuple[dict[str, Tensor],
     ckpt = Path(checkpoint_dir)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
-        raise ValueError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
+        raise ConfigError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
     meta = json.loads(meta_path.read_text())
     lora = (meta.get("config") or {}).get("lora")
     if not lora or "base_model" not in meta:
-        raise ValueError(f"{meta_path}: needs keys 'base_model' and 'config.lora'")
+        raise ConfigError(f"{meta_path}: needs keys 'base_model' and 'config.lora'")
     try:
         options = LoraOptions(rank=int(lora["lora_rank"]), alpha=float(lora["lora_alpha"]),
                               dropout=float(lora.get("lora_dropout", 0.0)),
                               use_rslora=bool(lora.get("use_rslora", False)))
     except KeyError as err:
-        raise ValueError(f"{meta_path}: config.lora lacks {err}") from None
+        raise ConfigError(f"{meta_path}: config.lora lacks {err}") from None
     spec = read_hf_config(meta["base_model"])
     num_layers = ((meta.get("config") or {}).get("model") or {}).get("num_layers")
     if num_layers:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from megalora.config import ConfigError
 from megalora.train.lora.peft_format import (
     _EXPERT_KEYS,
     _EXPERT_PARAMS,
@@ -82,31 +83,31 @@ def _read_peft(peft_tensors: Mapping[str, Tensor], config: Mapping[str, Any],
                num_experts: int) -> dict[str, tuple[Tensor, Tensor, float]]:
     """HF weight name (`...q_proj.weight`, `...mlp.experts.gate_up_proj`) -> (A, B, peft scale)."""
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{ADAPTER_CONFIG}: peft_type={config.get('peft_type')!r}; only LORA adapters import")
+        raise ConfigError(f"{ADAPTER_CONFIG}: peft_type={config.get('peft_type')!r}; only LORA adapters import")
     for key, bad in _UNSUPPORTED.items():
         if config.get(key) == bad:
-            raise ValueError(f"{ADAPTER_CONFIG}: {key}={bad} has no megatron LoRA equivalent")
+            raise ConfigError(f"{ADAPTER_CONFIG}: {key}={bad} has no megatron LoRA equivalent")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise ValueError(f"{ADAPTER_CONFIG}: bias / modules_to_save (full-weight training) do not import as LoRA")
+        raise ConfigError(f"{ADAPTER_CONFIG}: bias / modules_to_save (full-weight training) do not import as LoRA")
     r, alpha, rslora = int(config["r"]), float(config["lora_alpha"]), bool(config.get("use_rslora", False))
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     params = list(config.get("target_parameters") or [])
     stems: dict[str, dict[str, Tensor]] = {}
     for key, value in peft_tensors.items():
         if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{ADAPTER_WEIGHTS}: key {key!r} does not start with {PEFT_PREFIX!r}")
+            raise ConfigError(f"{ADAPTER_WEIGHTS}: key {key!r} does not start with {PEFT_PREFIX!r}")
         for half in ("lora_A", "lora_B"):
             if key.endswith(f".{half}.weight"):
                 stems.setdefault(key[len(PEFT_PREFIX): -len(f".{half}.weight")], {})[half] = value
                 break
         else:
             if ".lora_" in key:
-                raise ValueError(f"{ADAPTER_WEIGHTS}: {key!r} is not a plain LoRA tensor (DoRA, embedding LoRA?)")
+                raise ConfigError(f"{ADAPTER_WEIGHTS}: {key!r} is not a plain LoRA tensor (DoRA, embedding LoRA?)")
             # base weights peft saves next to adapters on embedding-like layers carry no adapter
     out: dict[str, tuple[Tensor, Tensor, float]] = {}
     for stem, halves in stems.items():
         if set(halves) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{ADAPTER_WEIGHTS}: {stem} has only {sorted(halves)}")
+            raise ConfigError(f"{ADAPTER_WEIGHTS}: {stem} has only {sorted(halves)}")
         # fold scales in at least fp32 (bf16 adapters would round twice)
         a, b = (halves[h].to(torch.promote_types(halves[h].dtype, torch.float32)) for h in ("lora_A", "lora_B"))
         container, depth = stem, 0
@@ -116,19 +117,19 @@ def _read_peft(peft_tensors: Mapping[str, Tensor], config: Mapping[str, Any],
         if container.endswith(".experts") and expert_params:
             # peft nests one wrapper per targeted parameter, the first registered innermost
             if depth >= len(expert_params):
-                raise ValueError(f"{ADAPTER_WEIGHTS}: {stem} nests deeper than the targeted expert parameters")
+                raise ConfigError(f"{ADAPTER_WEIGHTS}: {stem} nests deeper than the targeted expert parameters")
             name = key_name = f"{container}.{expert_params[len(expert_params) - 1 - depth]}"
             per = num_experts
         elif depth:
-            raise ValueError(f"{ADAPTER_WEIGHTS}: {stem}: nested adapter on a module that is not routed experts")
+            raise ConfigError(f"{ADAPTER_WEIGHTS}: {stem}: nested adapter on a module that is not routed experts")
         else:
             name = f"{stem}.weight"
             key_name = name if _matches(params, name) else stem
             per = 1
         rank = int(_pattern_value(ranks, key_name, r))
         if a.shape[0] != rank * per or b.shape[1] != rank * per:
-            raise ValueError(f"{ADAPTER_WEIGHTS}: {stem}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
-                             f"rank {rank}{f' x {per} experts' if per > 1 else ''}")
+            raise ConfigError(f"{ADAPTER_WEIGHTS}: {stem}: A {tuple(a.shape)} / B {tuple(b.shape)} do not fit "
+                              f"rank {rank}{f' x {per} experts' if per > 1 else ''}")
         out[name] = (a, b, scaling_for(float(_pattern_value(alphas, key_name, alpha)), rank, use_rslora=rslora))
     return out
 
@@ -189,8 +190,8 @@ def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping
     # a spec truncated to its first layers (quick checks) leaves later layers' adapters out
     unused = sorted(n for n in set(adapters) - used if _layer_of(n) is None or _layer_of(n) < hf_spec.num_layers)
     if unused:
-        raise ValueError(f"{ADAPTER_WEIGHTS}: adapters on {unused[:3]} have no megatron LoRA target "
-                         "(not a linear layer megatron adapts)")
+        raise ConfigError(f"{ADAPTER_WEIGHTS}: adapters on {unused[:3]} have no megatron LoRA target "
+                          "(not a linear layer megatron adapts)")
     return full
 
 
@@ -218,7 +219,7 @@ def _import_experts(fc1_rule: Rule, rules: Mapping[str, Rule], adapters: Mapping
         if not given:
             continue
         if len({(a.shape, b.shape) for a, b in given}) != 1:
-            raise ValueError(f"{ADAPTER_WEIGHTS}: the per-expert adapters of {container} ({proj}) differ in rank")
+            raise ConfigError(f"{ADAPTER_WEIGHTS}: the per-expert adapters of {container} ({proj}) differ in rank")
         a0, b0 = given[0]
         pairs = [pair or (torch.zeros_like(a0), torch.zeros_like(b0)) for pair in per_expert]
         full[f"{module}.{a_key}"] = torch.stack([a for a, _ in pairs])
@@ -242,8 +243,8 @@ def _put(module: torch.nn.Module, attr: str, old: torch.nn.Parameter, value: Ten
     same_elsewhere = old.ndim == value.ndim and all(
         o == v for i, (o, v) in enumerate(zip(old.shape, value.shape)) if i != dim)
     if not same_elsewhere:
-        raise ValueError(f"{ADAPTER_WEIGHTS}: {name} has shape {tuple(value.shape)} on this rank, the model expects "
-                         f"{tuple(old.shape)} (another base model or layout?)")
+        raise ConfigError(f"{ADAPTER_WEIGHTS}: {name} has shape {tuple(value.shape)} on this rank, the model expects "
+                          f"{tuple(old.shape)} (another base model or layout?)")
     new = torch.nn.Parameter(value.to(device=old.device, dtype=old.dtype).clone(), requires_grad=old.requires_grad)
     new.__dict__.update(old.__dict__)
     setattr(module, attr, new)
@@ -265,7 +266,7 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
     folder = Path(adapter_dir)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / file).is_file():
-            raise ValueError(f"{folder}: not a peft adapter folder (no {file})")
+            raise ConfigError(f"{folder}: not a peft adapter folder (no {file})")
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     scalings = {float(m.scaling) for m in model.modules() if isinstance(m, (LoraLinear, LoraExperts, LoraGate))}
     if len(scalings) != 1:
@@ -275,8 +276,8 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
                             scaling=scalings.pop())
     extra = sorted(set(full) - set(lora_layout(model)))
     if extra:
-        raise ValueError(f"{folder}: the adapter adapts {extra[:3]}, where the model has no LoRA; "
-                         "add those targets to lora.target_modules")
+        raise ConfigError(f"{folder}: the adapter adapts {extra[:3]}, where the model has no LoRA; "
+                          "add those targets to lora.target_modules")
     return load_megatron_lora(model, full)
 
 
@@ -350,11 +351,11 @@ def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_sp
 
     folder = Path(adapter_dir)
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise ValueError(f"{folder}: not a peft adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+        raise ConfigError(f"{folder}: not a peft adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     full = peft_to_megatron(load_file(str(folder / ADAPTER_WEIGHTS)), config, hf_spec=hf_spec)
     if not full:
-        raise ValueError(f"{folder}: the adapter has no tensor on this model's first {hf_spec.num_layers} layers")
+        raise ConfigError(f"{folder}: the adapter has no tensor on this model's first {hf_spec.num_layers} layers")
     section = LoraSection(lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
                           use_rslora=bool(config.get("use_rslora", False)), target_modules=megatron_targets(full))
     apply_lora(model, section, seed=seed, expert_impl=expert_impl, verbose=False)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megalora.config import ConfigError
 from megalora.train.model.hf_config import HFModelSpec
 from megalora.train.model.mapping import Rule, Source, local_expert_name, rules_for, source_slices, vocab_rows
 from megalora.train.model.quant import (
@@ -38,23 +39,23 @@ def read_header(path: Path) -> dict:
             raw = f.read(8)
             length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
             if not 0 < length <= size - 8:
-                raise ValueError(f"{path}: corrupt or truncated safetensors file (bad header length); "
-                                 "download it again")
+                raise ConfigError(f"{path}: corrupt or truncated safetensors file (bad header length); "
+                                  "download it again")
             header = json.loads(f.read(length))
     except FileNotFoundError:
-        raise ValueError(f"{path}: weight file missing; download the model again") from None
+        raise ConfigError(f"{path}: weight file missing; download the model again") from None
     except PermissionError:
-        raise ValueError(f"{path}: permission denied while reading the weights") from None
+        raise ConfigError(f"{path}: permission denied while reading the weights") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
+        raise ConfigError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
     tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else None
     try:
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError):
-        raise ValueError(f"{path}: corrupt safetensors header (no data_offsets); download it again") from None
+        raise ConfigError(f"{path}: corrupt safetensors header (no data_offsets); download it again") from None
     if size < 8 + length + end:
-        raise ValueError(f"{path}: truncated ({size} bytes; its header describes {8 + length + end}); "
-                         "download it again")
+        raise ConfigError(f"{path}: truncated ({size} bytes; its header describes {8 + length + end}); "
+                          "download it again")
     return tensors
 
 
@@ -62,7 +63,7 @@ def check_weight_files(paths: list[Path], *, index: Path | None = None) -> None:
     """Every weight file present, readable, with a sound header and all its bytes (headers only)."""
     for path in paths:
         if index is not None and not path.is_file():
-            raise ValueError(f"{path}: shard named in {index} is missing; download the model again")
+            raise ConfigError(f"{path}: shard named in {index} is missing; download the model again")
         read_header(path)
 
 
@@ -81,12 +82,12 @@ class CheckpointReader:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from err
+                raise ConfigError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from err
             self.files = {name: self.model_dir / fname for name, fname in weight_map.items()}
         elif single.is_file():
             self.files = {name: single for name in read_header(single)}
         else:
-            raise ValueError(f"{self.model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+            raise ConfigError(f"{self.model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
         check_weight_files(sorted(set(self.files.values())), index=index if index.is_file() else None)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
@@ -97,8 +98,8 @@ class CheckpointReader:
             self.quantization = read_quantization(self.model_dir)
         scaled = [n for n in self.files if n.endswith(SCALE_SUFFIX)]
         if scaled and self.quantization is None:
-            raise ValueError(f"{self.model_dir}: holds {scaled[0]} (and {len(scaled) - 1} more scale tensors) but "
-                             "config.json declares no block-FP8 quantization_config")
+            raise ConfigError(f"{self.model_dir}: holds {scaled[0]} (and {len(scaled) - 1} more scale tensors) but "
+                              "config.json declares no block-FP8 quantization_config")
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -110,7 +111,7 @@ class CheckpointReader:
     def _slice(self, name: str) -> Any:
         path = self.files.get(name)
         if path is None:
-            raise ValueError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+            raise ConfigError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
         if path not in self._handles:
             self._handles[path] = self._stack.enter_context(self._safe_open(str(path), "pt"))
         return self._handles[path].get_slice(name)
@@ -138,9 +139,9 @@ class CheckpointReader:
         scale_name = name + SCALE_SUFFIX
         scales = self._slice(scale_name)
         if len(shape) != 2 or tuple(scales.get_shape()) != scale_shape(shape, block):
-            raise ValueError(f"{self.model_dir}: {scale_name} has shape {list(scales.get_shape())}; a "
-                             f"{list(shape)} weight in {block[0]}x{block[1]} blocks needs "
-                             f"{list(scale_shape(shape, block)) if len(shape) == 2 else 'a 2-D weight'}")
+            raise ConfigError(f"{self.model_dir}: {scale_name} has shape {list(scales.get_shape())}; a "
+                              f"{list(shape)} weight in {block[0]}x{block[1]} blocks needs "
+                              f"{list(scale_shape(shape, block)) if len(shape) == 2 else 'a 2-D weight'}")
         bounds = [[0, shape[0]], [0, shape[1]]]
         if dim is not None:
             bounds[dim] = [start, shape[dim] if stop is None else stop]
@@ -158,8 +159,8 @@ class CheckpointReader:
         if self.is_quantized(name):
             return self._read_dequantized(name, handle, dim=dim, start=start, stop=stop)
         if str(handle.get_dtype()).startswith("F8"):
-            raise ValueError(f"{self.model_dir}: tensor {name!r} is stored as {handle.get_dtype()} but has no "
-                             f"{name + SCALE_SUFFIX} scales")
+            raise ConfigError(f"{self.model_dir}: tensor {name!r} is stored as {handle.get_dtype()} but has no "
+                              f"{name + SCALE_SUFFIX} scales")
         if dim is None:
             tensor = handle[:]
         else:
@@ -278,7 +279,7 @@ def load_hf_weights(
             assert param is not None, f"mapping names {name!r} but the model has no such parameter"
             if tuple(tensor.shape) != tuple(param.shape):
                 names = ", ".join(s.name for s in rule.sources)
-                raise ValueError(
+                raise ConfigError(
                     f"{model_dir}: {names} give shape {tuple(tensor.shape)} for {name}, "
                     f"expected {tuple(param.shape)} from config.json"
                 )

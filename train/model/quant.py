@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megalora.config import ConfigError
+
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn,)
 # A modelopt export keeps its quantization description beside config.json.
@@ -59,25 +61,25 @@ def parse_quantization(cfg: dict[str, Any], *, path: str) -> BlockFP8 | None:
     if not qc:
         return None
     if not isinstance(qc, dict):
-        raise ValueError(f"{path}: quantization_config must be a mapping, got {type(qc).__name__}")
+        raise ConfigError(f"{path}: quantization_config must be a mapping, got {type(qc).__name__}")
     method = qc.get("quant_method")
     refuse = (f"{path}: quantization_config quant_method {_method_name(qc)!r} is not supported; megalora reads "
               "unquantized checkpoints and block-wise FP8 (quant_method 'fp8' with weight_block_size) only: "
               "use the model's bf16 release")
     if method != "fp8":
-        raise ValueError(refuse)
+        raise ConfigError(refuse)
     block = qc.get("weight_block_size")
     if block is None:
-        raise ValueError(f"{path}: quantization_config fp8 without weight_block_size (per-tensor FP8) is not "
-                         "supported; only block-wise FP8 is: use the model's bf16 release")
+        raise ConfigError(f"{path}: quantization_config fp8 without weight_block_size (per-tensor FP8) is not "
+                          "supported; only block-wise FP8 is: use the model's bf16 release")
     if (not isinstance(block, (list, tuple)) or len(block) != 2
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ValueError(f"{path}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
+        raise ConfigError(f"{path}: quantization_config.weight_block_size must be two positive integers, got {block!r}")
     scheme = qc.get("activation_scheme", "dynamic")
     if scheme != "dynamic":
-        raise ValueError(f"{path}: quantization_config.activation_scheme {scheme!r} is not supported (only 'dynamic')")
+        raise ConfigError(f"{path}: quantization_config.activation_scheme {scheme!r} is not supported (only 'dynamic')")
     if qc.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(f"{path}: quantization_config.fmt {qc.get('fmt')!r} is not supported (only 'e4m3')")
+        raise ConfigError(f"{path}: quantization_config.fmt {qc.get('fmt')!r} is not supported (only 'e4m3')")
     return BlockFP8(block=(block[0], block[1]))
 
 
@@ -89,9 +91,9 @@ def refuse_modelopt_sidecar(model_dir: str | Path, cfg: dict[str, Any]) -> None:
     try:
         quant = json.loads(sidecar.read_text()).get("quantization") or {}
     except json.JSONDecodeError as err:
-        raise ValueError(f"{sidecar}: invalid JSON ({err.msg})") from None
-    raise ValueError(f"{sidecar}: quantized checkpoint (quant_method 'modelopt', quant_algo "
-                     f"{quant.get('quant_algo')!r}) is not supported: use the model's bf16 release")
+        raise ConfigError(f"{sidecar}: invalid JSON ({err.msg})") from None
+    raise ConfigError(f"{sidecar}: quantized checkpoint (quant_method 'modelopt', quant_algo "
+                      f"{quant.get('quant_algo')!r}) is not supported: use the model's bf16 release")
 
 
 def read_quantization(model_dir: str | Path) -> BlockFP8 | None:
