@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megalora.config import ConfigError
 from megalora.train.model.quant import BlockFP8, parse_quantization, refuse_modelopt_sidecar
 
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -70,7 +71,7 @@ class HFModelSpec:
     def truncated(self, num_layers: int) -> "HFModelSpec":
         """The same model with only its first `num_layers` decoder layers."""
         if not 1 <= num_layers <= self.num_layers:
-            raise ValueError(f"num_layers must be in [1, {self.num_layers}], got {num_layers}")
+            raise ConfigError(f"num_layers must be in [1, {self.num_layers}], got {num_layers}")
         return replace(
             self,
             num_layers=num_layers,
@@ -81,7 +82,7 @@ class HFModelSpec:
 
 def _require(cfg: dict[str, Any], key: str, path: str) -> Any:
     if key not in cfg:
-        raise ValueError(f"{path}: missing key {key!r}")
+        raise ConfigError(f"{path}: missing key {key!r}")
     return cfg[key]
 
 
@@ -95,10 +96,10 @@ def _rope(cfg: dict[str, Any], path: str, *, default_partial: float) -> tuple[fl
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type", rope_type))
     if rope_type != "default":
-        raise ValueError(f"{path}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
+        raise ConfigError(f"{path}: rope type {rope_type!r} is not supported (only 'default' RoPE)")
     theta = params.get("rope_theta", cfg.get("rope_theta"))
     if theta is None:
-        raise ValueError(f"{path}: missing key 'rope_theta' (or rope_parameters.rope_theta)")
+        raise ConfigError(f"{path}: missing key 'rope_theta' (or rope_parameters.rope_theta)")
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", default_partial))
     return float(theta), float(partial)
 
@@ -114,7 +115,7 @@ def _moe_layers(cfg: dict[str, Any], num_layers: int, path: str) -> tuple[bool, 
     dense = set(cfg.get("mlp_only_layers") or [])
     bad = sorted(i for i in dense if not 0 <= i < num_layers)
     if bad:
-        raise ValueError(f"{path}: mlp_only_layers holds layer indices outside [0, {num_layers}): {bad}")
+        raise ConfigError(f"{path}: mlp_only_layers holds layer indices outside [0, {num_layers}): {bad}")
     return tuple(num_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers))
 
 
@@ -123,14 +124,14 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_MODEL_TYPES.items())
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported. Supported architectures: {supported}")
+        raise ConfigError(f"{path}: model_type {model_type!r} is not supported. Supported architectures: {supported}")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (only 'silu')")
+        raise ConfigError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (only 'silu')")
     if cfg.get("use_sliding_window"):
-        raise ValueError(f"{path}: use_sliding_window=true is not supported")
+        raise ConfigError(f"{path}: use_sliding_window=true is not supported")
     if cfg.get("attention_bias"):
         # HF puts the bias on q/k/v *and* o_proj; megatron's qkv bias covers only q/k/v.
-        raise ValueError(f"{path}: attention_bias=true is not supported")
+        raise ConfigError(f"{path}: attention_bias=true is not supported")
     num_layers = int(_require(cfg, "num_hidden_layers", path))
     hidden = int(_require(cfg, "hidden_size", path))
     heads = int(_require(cfg, "num_attention_heads", path))
@@ -144,7 +145,7 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
             interval = int(cfg.get("full_attention_interval", 4))
             layer_types = [LINEAR_ATTENTION if (i + 1) % interval else FULL_ATTENTION for i in range(num_layers)]
         if len(layer_types) != num_layers or set(layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION}:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: layer_types must list {num_layers} entries of "
                 f"{FULL_ATTENTION!r}/{LINEAR_ATTENTION!r}, got {layer_types}"
             )
@@ -193,7 +194,7 @@ def parse_hf_config(cfg: dict[str, Any], *, path: str = "config.json") -> HFMode
         ):
             fields[key] = int(_require(cfg, key, path))
         if fields["linear_num_value_heads"] % fields["linear_num_key_heads"]:
-            raise ValueError(f"{path}: linear_num_value_heads must be a multiple of linear_num_key_heads")
+            raise ConfigError(f"{path}: linear_num_value_heads must be a multiple of linear_num_key_heads")
     return HFModelSpec(**fields)
 
 
@@ -201,11 +202,11 @@ def read_hf_config(model_dir: str | Path) -> HFModelSpec:
     """Read `<model_dir>/config.json` into an `HFModelSpec`."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"{path}: no config.json in the model folder {model_dir}")
+        raise ConfigError(f"{path}: no config.json in the model folder {model_dir}")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from err
+        raise ConfigError(f"{path}: line {err.lineno}: invalid JSON ({err.msg})") from err
     refuse_modelopt_sidecar(model_dir, cfg)
     return parse_hf_config(cfg, path=str(path))
 
@@ -322,10 +323,10 @@ def _check_divisibility(spec: HFModelSpec, *, tp: int, ep: int) -> None:
                 ("shared_expert_intermediate_size", spec.shared_expert_ffn_hidden_size, tp, "tensor_model_parallel_size")
             )
     elif ep != 1:
-        raise ValueError(f"expert_model_parallel_size={ep} needs a MoE model; {spec.model_type} here has no experts")
+        raise ConfigError(f"expert_model_parallel_size={ep} needs a MoE model; {spec.model_type} here has no experts")
     if spec.model_type == "qwen3_next":
         checks.append(("linear_num_key_heads", spec.linear_num_key_heads, tp, "tensor_model_parallel_size"))
         checks.append(("linear_num_value_heads", spec.linear_num_value_heads, tp, "tensor_model_parallel_size"))
     for key, value, degree, option in checks:
         if value % degree:
-            raise ValueError(f"config.json {key}={value} is not divisible by {option}={degree}")
+            raise ConfigError(f"config.json {key}={value} is not divisible by {option}={degree}")
