@@ -122,19 +122,13 @@ def check_inputs(cfg: Config, *, resume: bool = True) -> None:
     itself once the run folder is cleaned of partial saves)."""
     from megalora.train.lora.apply import check_targets
 
-    try:
-        check_targets(cfg.lora)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_targets(cfg.lora)
     if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
         raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
     if resume and cfg.checkpoint.resume is not None:
         from megalora.train.run_dir import resolve_resume
 
-        try:
-            resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.save))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.save))
 
 
 def data_summary(cfg: Config, *, model_dir: Path, log=print):

@@ -89,7 +89,7 @@ def _resolve_targets(target_modules: Any) -> set[str]:
 
 
 def check_targets(lora_cfg: Any) -> None:
-    """Raise ValueError naming a bad `target_modules` entry or `target_regex` (needs no model)."""
+    """Raise ConfigError naming a bad `target_modules` entry or `target_regex` (needs no model)."""
     _Selector(lora_cfg)
 
 
