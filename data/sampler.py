@@ -104,7 +104,8 @@ class BatchLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if not 0 <= state["position"] <= self.batches_per_epoch:
-            raise DataError(f"data loader state {state} does not fit an epoch of {self.batches_per_epoch} micro-batches")
+            raise DataError(f"data loader state {state} does not fit an epoch of {self.batches_per_epoch} "
+                            "micro-batches")
         self.state = DataLoaderState(epoch=int(state["epoch"]), position=int(state["position"]))
 
     def collate_items(self, items: np.ndarray) -> dict[str, torch.Tensor]:

@@ -47,11 +47,15 @@ def _f(default, doc: str, *, choices: tuple | None = None, secret: bool = False,
 
 @dataclass
 class ModelSection:
-    model: str = _f("demo", "HF model folder or hub id (`Qwen/Qwen3-Coder-Next`); `demo` is the embedded tiny Qwen3-Next made locally.", commands=("verify",))
-    use_hf: bool = _f(False, "Resolve hub ids through the Hugging Face hub instead of ModelScope.", commands=("verify",))
-    torch_dtype: str = _f("auto", "Dtype of the frozen base weights (in verify, of both models): auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16.",
+    model: str = _f("demo", "HF model folder or hub id (`Qwen/Qwen3-Coder-Next`); `demo` is the embedded tiny Qwen3-Next "
+                    "made locally.", commands=("verify",))
+    use_hf: bool = _f(False, "Resolve hub ids through the Hugging Face hub instead of ModelScope.",
+                      commands=("verify",))
+    torch_dtype: str = _f("auto", "Dtype of the frozen base weights (in verify, of both models): auto (bfloat16 on "
+                          "GPU, float32 on CPU), float32, bfloat16.",
                           choices=("auto", "float32", "bfloat16", "float16", "float64"), commands=("verify",))
-    num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on few GPUs).",
+    num_layers: Optional[int] = _f(None, "Build only the first N decoder layers (verification of large models on "
+                                   "few GPUs).",
                                     commands=("verify",), aliases={"verify": "layers"})
     moe_grouped_gemm: bool = _f(True, "Routed experts as grouped matrix products over stacked expert weights, base and LoRA "
                                 "together (torch._grouped_mm on CUDA bf16 Hopper and on CPU; a padded bmm otherwise). "
@@ -110,8 +114,10 @@ class LoraSection:
 @dataclass
 class ParallelSection:
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel degree (TP).", commands=("verify",))
-    sequence_parallel: bool = _f(False, "Shard activations along the sequence across TP ranks (SP); no effect when TP=1.", commands=("verify",))
-    expert_model_parallel_size: int = _f(1, "Expert-parallel degree (EP): routed experts are split across EP ranks.", commands=("verify",))
+    sequence_parallel: bool = _f(False, "Shard activations along the sequence across TP ranks (SP); no effect when "
+                                 "TP=1.", commands=("verify",))
+    expert_model_parallel_size: int = _f(1, "Expert-parallel degree (EP): routed experts are split across EP ranks.",
+                                         commands=("verify",))
     expert_tensor_parallel_size: int = _f(1, "Tensor parallelism inside experts. Only 1 is supported.")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel degree. Only 1 is supported.")
     context_parallel_size: int = _f(1, "Context-parallel degree. Only 1 is supported.")
@@ -140,7 +146,8 @@ class TrainSection:
     adam_beta2: float = _f(0.95, "AdamW beta2.")
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
     clip_grad: float = _f(1.0, "Gradient clipping by global norm; 0 disables.")
-    seed: int = _f(42, "Random seed: LoRA initialisation and dropout in training, the token batch of verify.", commands=("verify",))
+    seed: int = _f(42, "Random seed: LoRA initialisation and dropout in training, the token batch of verify.",
+                   commands=("verify",))
     recompute_granularity: Optional[str] = _f(None, "Activation recomputation.", choices=(None, "full", "selective"))
     recompute_method: Optional[str] = _f(None, "Which layers full recomputation covers.", choices=(None, "uniform", "block"))
     recompute_num_layers: Optional[int] = _f(None, "Layers per recompute chunk (uniform) or recomputed layers (block).")
@@ -159,7 +166,8 @@ class CheckpointSection:
     no_save_optim: bool = _f(False, "Do not save optimizer and scheduler state.")
     no_save_rng: bool = _f(False, "Do not save RNG state.")
     stop_grace_period: float = _f(600.0, "Seconds `megalora sft` waits, after SIGTERM/SIGINT, for the ranks to finish their step and save before it kills them; size it above one step plus one save.")
-    allow_base_model_change: bool = _f(False, "Resume (or export) although the base model's weights differ from the ones the checkpoint was trained on.", commands=("export",))
+    allow_base_model_change: bool = _f(False, "Resume (or export) although the base model's weights differ from the "
+                                       "ones the checkpoint was trained on.", commands=("export",))
 
 
 @dataclass
