@@ -62,7 +62,8 @@ def cmd_verify(argv: list[str]) -> int:
         raise ConfigError(f"world size {world} is not divisible by `tensor_model_parallel_size`={tp} and "
                           f"`expert_model_parallel_size`={ep}")
     sequence_parallel = args.sequence_parallel and tp > 1
-    from megalora.dry_run import resolve_model_dir_from_name
+    from megalora.train.inputs import resolve_model_dir_from_name
+    from megalora.train.lora.adapter_formats import peft_readable
     from megalora.parallel import groups
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import run_verify
@@ -80,7 +81,8 @@ def cmd_verify(argv: list[str]) -> int:
                             sequence_parallel=sequence_parallel, tolerance=args.tolerance,
                             dtype=getattr(torch, args.torch_dtype), device=device,
                             seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed,
-                            apply_adapter=_apply_adapter if args.adapter else None)
+                            apply_adapter=_apply_adapter if args.adapter else None,
+                            prepare_adapter=peft_readable if args.adapter else None)
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:

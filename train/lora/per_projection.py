@@ -19,16 +19,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megalora.train.lora.layout import lora_layout, shard_lora_state
+from megalora.train.lora.layout import gather_full_lora, lora_layout, shard_lora_state
 from megalora.train.lora.options import kaiming_uniform_full
 
 
 def _full_lora(model: torch.nn.Module, layout: dict[str, str]) -> dict[str, torch.Tensor]:
     """Every rank gets the full-shape LoRA tensors of `model` (gathered over the layout)."""
-    from megalora.train.checkpoint import _gather_full
-
     named = {n: p.data for n, p in model.named_parameters() if n in layout}
-    full = _gather_full(named, layout)
+    full = gather_full_lora(named, layout)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [full]
         dist.broadcast_object_list(box, src=0)
