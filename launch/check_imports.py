@@ -77,7 +77,7 @@ def check(root: Path) -> int:
         env = {**os.environ, "PYTHONPATH": str(package_dir)}
         code = subprocess.call(
             [sys.executable, "-P", "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()",
-             str(root / CONFIG), "--no-cache"], cwd=tmp, env=env)
+             str(root / CONFIG), "--no-cache", "--no-logo"], cwd=tmp, env=env)
         missing = unplaced_modules(package_dir, layer_modules(root / CONFIG))
     if missing:
         print(f"check_imports: modules in no layer of {CONFIG}: {', '.join(missing)}", file=sys.stderr)

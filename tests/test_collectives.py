@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from megalora.parallel.multiprocess import spawn
+from support.multiprocess import spawn
 
 
 def test_cuda_machine_gets_a_cpu_and_a_cuda_backend(monkeypatch):
