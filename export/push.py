@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+# The hub clients (huggingface_hub, modelscope and their HTTP stacks) are imported where used: they
+# are slow to import, only a push needs them, and the Hugging Face client reads its environment
+# when first imported.
+
 HUBS: dict[str, str] = {"modelscope": "MODELSCOPE_API_TOKEN", "huggingface": "HF_TOKEN"}
 DEFAULT_COMMIT_MESSAGE = "Upload model exported by megalora"
 # Upload-resume bookkeeping the ModelScope client writes into the folder; never part of a model.

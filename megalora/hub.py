@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
 
+import torch.distributed as dist
+
+# The hub clients (huggingface_hub, modelscope) are imported where used: they are slow to import,
+# only hub ids need them, and the Hugging Face client reads its environment (endpoint, offline
+# mode) when first imported.
+
 # Everything a model folder needs for training and export; weights only as safetensors.
 DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
     "*.json",  # config, generation_config, tokenizer(_config), special tokens, safetensors index
@@ -100,8 +106,6 @@ def _checked_folder(folder: Path, *, what: str) -> Path:
 
 
 def _default_barrier() -> Callable[[], None]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("resolve_model: world_size > 1 needs a barrier callable or an initialised process group")
     return dist.barrier

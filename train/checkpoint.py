@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from megalora.train.lora.layout import gather_full_lora, rank_coords, shard_lora_state
@@ -162,8 +163,6 @@ def save_rng_state(path: Path) -> None:
 
 def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, its I/O errors raised as OSError naming the file."""
-    from safetensors import SafetensorError
-
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:
@@ -171,8 +170,6 @@ def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
 
 
 def load_rng_state(path: Path) -> None:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
