@@ -369,7 +369,7 @@ def check_slice(ctx: Context, name: str, *, recompute: bool) -> dict:
 # -- driver -------------------------------------------------------------------------------------
 def all_checks(ctx: Context) -> tuple[dict[str, Callable[[], dict]], dict[str, Callable[[], Any]]]:
     """(check name -> run it and return its figures, check name -> start its subprocesses early)."""
-    from megalora.train.model.testing import make_tiny_checkpoint
+    from megalora.train.model.tiny import make_tiny_checkpoint
 
     checks: dict[str, Callable[[], dict]] = {}
     starts: dict[str, Callable[[], Any]] = {}

@@ -8,10 +8,12 @@ row in strict mode raises the same DataError on every rank instead of hanging th
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch.distributed as dist
 
 from megalora.data.cache import cache_key, load_processed, save_processed
 from megalora.data.encode import EncodeSettings, check_tokenizer
@@ -68,8 +70,6 @@ def row_settings(cfg_data) -> RowSettings:
 
 
 def _default_barrier() -> Callable[[], None] | None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.barrier
     return None
@@ -131,8 +131,6 @@ def _tokenise(rows: list[Row], tokenizer, cfg_data, *, name: str, cache_dir, ran
 
 def dump_encoded(dataset: TokenizedDataset, path: str | Path) -> None:
     """Every sample as one JSON line: input_ids, labels (aligned, -100 where untrained) and source `file:line`."""
-    import json
-
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:

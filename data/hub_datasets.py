@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 
 from megalora.errors import UserError
+# `datasets`, modelscope and requests are imported where used: they are slow to import and only
+# hub datasets need them.
 
 DEFAULT_TIMEOUT_S = 10.0
 

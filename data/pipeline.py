@@ -11,7 +11,9 @@ from __future__ import annotations
 import multiprocessing
 from dataclasses import asdict, dataclass, field
 
+import jinja2
 import numpy as np
+from tqdm import tqdm
 
 from megalora.data.encode import EncodedRow, EncodeSettings, TemplateInfo, encode_conversation, template_info
 from megalora.data.errors import BAD_ROW_REASONS, REASONS, DataError, Problem, RowProblem
@@ -87,8 +89,6 @@ class Processed:
 
 def process_row(row: Row, tokenizer, settings: RowSettings, *, info: TemplateInfo) -> EncodedRow | Problem:
     """One row to samples (tokens and labels), or the Problem that drops it."""
-    import jinja2
-
     where = f"{row.source}:{row.line}"
     try:
         if row.error is not None:
@@ -121,8 +121,6 @@ def _process_chunk(rows: list[Row]) -> list[EncodedRow | Problem]:
 
 
 def _results(rows: list[Row], tokenizer, settings: RowSettings, num_proc: int, progress: bool):
-    from tqdm import tqdm
-
     bar = tqdm(total=len(rows), desc="tokenising", unit="rows", disable=not progress, mininterval=2.0)
     num_proc = max(1, min(num_proc, len(rows) // 64 or 1))
     chunk = max(1, min(1000, len(rows) // (num_proc * 8) or 1))

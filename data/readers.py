@@ -20,6 +20,8 @@ import numpy as np
 from megalora.data.errors import DataError
 from megalora.data.hub_datasets import DEFAULT_TIMEOUT_S, HubDatasetError, load_hub_dataset
 
+# `datasets` is imported where a `save_to_disk` folder is read: it is slow to import and most runs read JSONL.
+
 JSONL_SUFFIXES = (".jsonl", ".json")
 _DATASETS_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

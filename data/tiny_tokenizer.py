@@ -14,7 +14,13 @@ The same files come out of every run (training is deterministic and the corpus i
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from megalora.data.demo_data import demo_conversations
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen marks these as added but not special: they survive decoding with skip_special_tokens.
@@ -144,8 +150,6 @@ parser reader writer loader logger handler manager builder runner helper worker 
 
 
 def _sentences(num: int) -> list[str]:
-    import random
-
     rng = random.Random(0)
     out = []
     for _ in range(num):
@@ -158,8 +162,6 @@ def _sentences(num: int) -> list[str]:
 
 
 def _corpus() -> list[str]:
-    from megalora.data.demo_data import demo_conversations
-
     texts = [_CODE, _CHAT, *_sentences(4000)]
     for conv in demo_conversations(num_samples=300, seed=1234):
         for message in conv["messages"]:
@@ -177,9 +179,6 @@ def build_tiny_tokenizer(out_dir: str | Path) -> Path:
 
     Returns `out_dir` as a Path. Loading it back: `transformers.AutoTokenizer.from_pretrained(out_dir)`.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())

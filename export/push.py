@@ -19,6 +19,9 @@ from typing import Any, Callable, TypeVar
 
 from megalora.config import ConfigError
 from megalora.errors import UserError
+# The hub clients (huggingface_hub, modelscope and their HTTP stacks) are imported where used: they
+# are slow to import, only a push needs them, and the Hugging Face client reads its environment
+# when first imported.
 
 HUBS: dict[str, str] = {"modelscope": "MODELSCOPE_API_TOKEN", "huggingface": "HF_TOKEN"}
 DEFAULT_COMMIT_MESSAGE = "Upload model exported by megalora"

@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Qwen3NextConfig, Qwen3NextForCausalLM
+
+from megalora.data.demo_data import write_demo_chats
+from megalora.data.tiny_tokenizer import build_tiny_tokenizer
 
 DEMO = "demo"
 # Bump when the files made here change, so that an old cache is not reused.
@@ -72,26 +79,17 @@ def ensure_demo_assets(root: str | Path | None = None, *, log=print) -> DemoAsse
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     log(f"megalora: creating the embedded tiny demo model and data in {root}")
     _make_model(tmp / "model")
-    from megalora.data.demo_data import write_demo_chats
-
     write_demo_chats(tmp / "chats.jsonl", num_samples=256, seed=0)
     (tmp / "DONE").write_text(json.dumps({"version": DEMO_VERSION}))
     try:
         os.rename(tmp, root)
     except OSError:
         # Another process finished first; its copy is identical (everything is seeded).
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return assets
 
 
 def _make_model(out: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, Qwen3NextConfig, Qwen3NextForCausalLM
-
-    from megalora.data.tiny_tokenizer import build_tiny_tokenizer
-
     build_tiny_tokenizer(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     vocab = len(tokenizer)

@@ -12,99 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from megalora.config import Config, ConfigError, Extras, ModelShape, check_layout
-
-def resolve_model_dir(cfg: Config, *, log=print) -> Path:
-    return resolve_model_dir_from_name(cfg.model.model, use_hf=cfg.model.use_hf, log=log)
-
-
-def resolve_model_dir_from_name(name: str, *, use_hf: bool = False, log=print) -> Path:
-    """The local folder of a model: the embedded demo, a local folder, or a hub id.
-
-    Under torch.distributed call it on every rank: each node's local rank 0 downloads while
-    the others wait, and a failed download raises on every rank instead of hanging them."""
-    import os
-
-    import torch.distributed as dist
-
-    from megalora.demo import DEMO, ensure_demo_assets
-
-    if name == DEMO:
-        return ensure_demo_assets(log=log).model_dir
-    from megalora.hub import resolve_model
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() if world > 1 else 0))
-    return Path(resolve_model(name, use_hf=use_hf, rank=local_rank, world_size=world))
-
-
-def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
-    """The model's HF config and what layout validation needs of it (one parser for all)."""
-    from megalora.train.model.hf_config import read_hf_config
-
-    try:
-        spec = read_hf_config(model_dir)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise ConfigError(f"`model`: {model_dir}: {e}") from None
-    shape = ModelShape(
-        num_experts=int(spec.num_experts or 0),
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_key_value_heads,
-        num_linear_key_heads=int(spec.linear_num_key_heads or 0),
-        num_linear_value_heads=int(spec.linear_num_value_heads or 0),
-        source=f"{model_dir} ({spec.model_type})",
-    )
-    return spec.raw, shape
-
-
-def check_model_files(model_dir: Path) -> None:
-    """Open every weight file's header (cheap): a missing, truncated or corrupt shard fails here."""
-    from megalora.train.model.loader import CheckpointReader
-
-    try:
-        CheckpointReader(model_dir)
-    except ValueError as e:
-        raise ConfigError(f"`model`: {e}") from None
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(model_dir: Path):
-    """The model folder's tokenizer, or a one-line error naming the folder. (transformers builds
-    an empty tokenizer from a folder without vocabulary files rather than failing.)"""
-    from transformers import AutoTokenizer
-
-    problem = None
-    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
-        problem = f"none of {', '.join(TOKENIZER_FILES)} found"
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        else:
-            if len(tokenizer) == 0:
-                problem = "it has an empty vocabulary"
-    if problem:
-        raise ConfigError(f"`model`: {model_dir}: no usable tokenizer ({problem}); the folder needs the model's "
-                          "tokenizer files") from None
-    return tokenizer
-
-
-def describe_extras(extras: Extras) -> list[str]:
-    """One line per accepted key that takes no effect (named, with why), the notes and the ENV block."""
-    from megalora.config import GPU_FUSIONS
-    from megalora.swift_keys import REPORTED
-
-    lines = list(extras.notes)
-    for key, value in extras.not_applicable.items():
-        lines.append(f"--{key} {value}: not applicable ({REPORTED[key]})")
-    for key, value in extras.gpu_fusions.items():
-        lines.append(f"--{key} {value}: accepted, nothing to apply ({GPU_FUSIONS[key][1]})")
-    if extras.env:
-        lines.append("ENV (from the YAML): " + " ".join(f"{k}={v}" for k, v in extras.env.items()))
-    return lines
+from megalora.config import Config, ConfigError, Extras, check_layout
+from megalora.train.inputs import (check_inputs, check_model_files, data_cache_dir, describe_extras, load_tokenizer,
+                                    read_model_shape, resolve_model_dir)
 
 
 def format_layout(rows: list[dict]) -> str:
@@ -116,27 +26,11 @@ def format_layout(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def check_inputs(cfg: Config, *, resume: bool = True) -> None:
-    """What can fail before step 1 and needs no weights, besides layout and data: LoRA targets and the
-    folders named (the checkpoint to resume from too, unless `resume` is false: training resolves it
-    itself once the run folder is cleaned of partial saves)."""
-    from megalora.train.lora.apply import check_targets
-
-    check_targets(cfg.lora)
-    if cfg.lora.adapters is not None and not (Path(cfg.lora.adapters) / "adapter_config.json").is_file():
-        raise ConfigError(f"`adapters`: {cfg.lora.adapters} is not a PEFT adapter folder (no adapter_config.json)")
-    if resume and cfg.checkpoint.resume is not None:
-        from megalora.train.run_dir import resolve_resume
-
-        resolve_resume(cfg.checkpoint.resume, Path(cfg.checkpoint.save))
-
-
 def data_summary(cfg: Config, *, model_dir: Path, log=print):
     """Read, validate and tokenise the data exactly as training would; (summary text, train, val)."""
     from megalora.data.dataset import build_datasets
     from megalora.data.summary import summarize
     from megalora.demo import DEMO, ensure_demo_assets
-    from megalora.train.recipe import data_cache_dir
 
     if DEMO in cfg.data.dataset or DEMO in cfg.data.val_dataset:
         data_file = str(ensure_demo_assets(log=log).data_file)

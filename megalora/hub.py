@@ -18,6 +18,11 @@ from urllib.parse import urlsplit
 
 from megalora.config import ConfigError
 
+import torch.distributed as dist
+
+# The hub clients (huggingface_hub, modelscope) are imported where used: they are slow to import,
+# only hub ids need them, and the Hugging Face client reads its environment (endpoint, offline
+# mode) when first imported.
 
 # Everything a model folder needs for training and export; weights only as safetensors.
 DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
@@ -103,8 +108,6 @@ def _checked_folder(folder: Path, *, what: str) -> Path:
 
 
 def _default_barrier() -> Callable[[], None]:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("resolve_model: world_size > 1 needs a barrier callable or an initialised process group")
     return dist.barrier

@@ -35,7 +35,9 @@ import contextlib
 import functools
 import importlib.abc
 import logging
+import os
 import sys
+from importlib import metadata
 from types import ModuleType
 from typing import Any, Callable, Iterator
 
@@ -70,9 +72,6 @@ def check_megatron_core_version(version: str | None = None) -> str:
 
     Setting ``MEGALORA_ALLOW_MEGATRON_CORE=1`` proceeds anyway (each redirection still has
     its test in ``tests/test_cpu_runtime.py``, the way to find out what broke)."""
-    import os
-    from importlib import metadata
-
     if version is None:
         try:
             version = metadata.version("megatron-core")

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megalora.parallel import cpu_runtime
 
 _BACKENDS = ("auto", "gloo", "nccl")
 
@@ -97,15 +100,11 @@ def initialize(
     """
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel=true needs tensor_model_parallel_size > 1")
-    from megalora.parallel import cpu_runtime
-
     cpu_runtime.install()
     if not dist.is_initialized():
         _init_default_group(backend, timeout_minutes=timeout_minutes)
     world_size = dist.get_world_size()
     _check_degrees(world_size, tp=tp, ep=ep, etp=etp)
-
-    from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -172,8 +171,6 @@ def _init_default_group(backend: str, *, timeout_minutes: float = 30.0) -> None:
 
 def destroy() -> None:
     """Tear down megatron's groups and the default process group (each if present)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

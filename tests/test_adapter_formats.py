@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megalora.parallel import groups
-from megalora.train.lora.adapter_formats import write_adapter
+from megalora.train.lora.adapter_formats import peft_readable, write_adapter
 from megalora.train.lora.layout import lora_layout
 from megalora.train.lora.peft_format import load_peft_adapter
-from megalora.train.model.testing import make_tiny_checkpoint
+from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits
 from test_peft_format import ALPHA, RANK, TOL, build_lora_model, randomize
 
@@ -151,7 +151,8 @@ def test_format_keys_shapes_and_round_trip(case, fmt, tmp_path) -> None:
 
     from megalora.train.model.verify import run_verify
 
-    verified = run_verify(case["hf_dir"], adapter=out, seq_length=16, tolerance=TOL, apply_adapter=_apply_adapter)
+    verified = run_verify(case["hf_dir"], adapter=out, seq_length=16, tolerance=TOL, apply_adapter=_apply_adapter,
+                          prepare_adapter=peft_readable)
     assert verified.ok, verified.summary_line()
     checks = {line.split(":")[1].strip(): line for line in lines if re.match(r"export: (vllm|sglang):", line)}
     if fmt == "vllm":

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
-from megalora.parallel.multiprocess import spawn
-from megalora.train.model.testing import make_tiny_checkpoint, sample_tokens
+from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import TOLERANCES, compare_logits
+
+from support.models import sample_tokens
+from support.multiprocess import spawn
 from test_cli import _run
 
 MODELS = ("qwen3_next_a", "qwen3_moe")

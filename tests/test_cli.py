@@ -315,7 +315,7 @@ def qwen3_moe_dir(demo_assets, tmp_path_factory):
 
     from transformers import AutoTokenizer
 
-    from megalora.train.model.testing import make_tiny_checkpoint
+    from megalora.train.model.tiny import make_tiny_checkpoint
 
     out = tmp_path_factory.mktemp("qwen3-moe")
     size = len(AutoTokenizer.from_pretrained(demo_assets.model_dir))

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from megalora.parallel.multiprocess import spawn
+from support.multiprocess import spawn
 
 
 def test_cuda_machine_gets_a_cpu_and_a_cuda_backend(monkeypatch):
@@ -60,13 +60,13 @@ PLAN = {
     ("megalora.train.lora.grads", "_all_reduce_grads"): ("model", {torch.float32}),
     # torch serialises objects into tensors on the group's object device: the CPU when the
     # group has a CPU backend.
-    ("megalora.train.checkpoint", "_gather_full"): ("cpu", {"object"}),
+    ("megalora.train.lora.layout", "gather_full_lora"): ("cpu", {"object"}),
     # Every rank's view of a failed save or run-folder write (one line on every rank, no hang).
     ("megalora.train.checkpoint", "first_error"): ("cpu", {"object"}),
 }
 MUST_SEE = {("megalora.train.step", "dp_all_reduce"), ("megalora.train.step", "lora_grad_norm"),
             ("megalora.train.signals", "should_stop"), ("megalora.train.lora.grads", "_all_reduce_grads"),
-            ("megalora.train.checkpoint", "_gather_full")}
+            ("megalora.train.lora.layout", "gather_full_lora")}
 _OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
         "_reduce_scatter_base", "all_to_all_single", "all_to_all", "broadcast", "gather", "scatter",
         "reduce_scatter", "reduce")

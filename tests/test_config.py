@@ -180,7 +180,7 @@ def test_tuner_type_absent_is_said_and_anything_but_lora_refused():
 
 
 def test_reported_keys_are_named_with_their_reason():
-    from megalora.dry_run import describe_extras
+    from megalora.train.inputs import describe_extras
 
     flags = [x for key in REPORTED for x in (f"--{key}", "false")]
     _, extras = load_config(None, flags)
@@ -191,7 +191,7 @@ def test_reported_keys_are_named_with_their_reason():
 
 def test_fused_kernel_keys_say_what_runs_instead():
     from megalora.config import GPU_FUSIONS
-    from megalora.dry_run import describe_extras
+    from megalora.train.inputs import describe_extras
 
     _, extras = load_config(None, [x for key in GPU_FUSIONS for x in (f"--{key}", "true")])
     lines = describe_extras(extras)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from megalora.parallel import cpu_runtime
-from megalora.parallel.multiprocess import spawn
+
+from support.multiprocess import spawn
 
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the CPU runtime applies only where CUDA is absent"

@@ -26,8 +26,10 @@ from safetensors import safe_open
 
 from megalora.export.run import export_checkpoint
 from megalora.export.writer import INDEX_FILE, parse_size
-from megalora.parallel.multiprocess import spawn
-from megalora.train.model.testing import make_tiny_checkpoint, sample_tokens
+from megalora.train.model.tiny import make_tiny_checkpoint
+
+from support.models import sample_tokens
+from support.multiprocess import spawn
 
 LAYOUTS = [(1, 1, False), (1, 2, False), (2, 2, True)]
 MODELS = ["qwen3_next_a", "qwen3_moe"]

@@ -20,7 +20,7 @@ from megalora.export.run import export_checkpoint, plan_units
 from megalora.export.writer import INDEX_FILE, ShardWriter, TensorInfo, parse_size, plan_shards, write_index
 from megalora.train.model.hf_config import read_hf_config
 from megalora.train.model.mapping import rules_for
-from megalora.train.model.testing import make_tiny_checkpoint
+from megalora.train.model.tiny import make_tiny_checkpoint
 
 TOKEN = "tok-export-7f3e9a"
 

@@ -4,7 +4,8 @@ on 1 rank, EP=2, TP=2+SP and TP=2xEP=2+SP, with and without full recompute, padd
 packed (THD) input."""
 import torch
 
-from megalora.parallel.multiprocess import spawn
+from support.multiprocess import spawn
+
 
 LAYOUTS = [(1, 1, False), (1, 2, False), (2, 1, True), (2, 2, True)]  # (tp, ep, sequence_parallel)
 RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
@@ -13,7 +14,7 @@ RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "re
 def _forward_backward(model, info, *, packed: bool):
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from megalora.train.model.testing import PACKED_CU_SEQLENS, packed_sample_tokens, sample_tokens
+    from support.models import PACKED_CU_SEQLENS, packed_sample_tokens, sample_tokens
     from megalora.train.model.verify import packed_positions
 
     kwargs = {}

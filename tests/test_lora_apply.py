@@ -12,17 +12,21 @@ from megalora.parallel import groups
 from megalora.train.lora.apply import apply_lora
 from megalora.train.lora.experts import LoraExperts
 from megalora.train.lora.layers import LoraLinear
+from megalora.train.model.attention import SDPACoreAttention
+from megalora.train.model.hf_config import parse_hf_config
+from megalora.train.model.spec import block_spec
+from megalora.train.model.tiny import TINY_CONFIGS
+from megalora.train.norm import RMSNorm
 
 VOCAB, SEQ, BATCH, EXPERTS = 64, 8, 2, 4
 
 
 def build_model(*, tp: int = 1, ep: int = 1, sp: bool = False, recompute: bool = False,
                 shared_gate: bool = True) -> Any:
-    """Tiny MoE GPT: 2 layers, 4 experts top-2, gated shared expert, RMSNorm, rope; fp32."""
+    """Tiny MoE GPT: 2 layers, 4 experts top-2, gated shared expert, RMSNorm, rope; fp32. Our
+    layer spec (`block_spec`, with megatron's loop experts) on a megatron config made by hand."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
-
-    from megalora.train.layer_specs import local_gpt_spec
 
     extra = ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
              if recompute else {})
@@ -36,9 +40,12 @@ def build_model(*, tp: int = 1, ep: int = 1, sp: bool = False, recompute: bool =
         moe_token_dispatcher_type="alltoall", moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
         **extra,
     )
-    return GPTModel(config=config, transformer_layer_spec=local_gpt_spec(config, num_experts=EXPERTS),
-                    vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False)
+    # Only the layer pattern of the HF spec matters to block_spec: every layer attention + MoE.
+    layers = parse_hf_config({**TINY_CONFIGS["qwen3_moe"], "num_hidden_layers": 2, "mlp_only_layers": [],
+                              "num_experts": EXPERTS})
+    spec = block_spec(layers, norm=RMSNorm, core_attention=SDPACoreAttention, experts="sequential")
+    return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                    position_embedding_type="rope", share_embeddings_and_output_weights=False)
 
 
 def make_batch() -> tuple[torch.Tensor, torch.Tensor]:

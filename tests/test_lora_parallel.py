@@ -1,10 +1,15 @@
 """Multi-rank LoRA: the wrappers under TP=2 (with and without SP) against full-weight math, and
-LoRA on every target of a tiny MoE GPTModel under TP=2+SP, EP=2 and TP=2 x EP=2+SP == one process.
+LoRA on every target of a tiny Qwen3-Next (Gated DeltaNet and gated attention layers, MoE with
+a gated shared expert) built by `build_model` under TP=2+SP, EP=2 and TP=2 x EP=2+SP, with
+both token dispatchers and full recomputation, == one process.
 
-The model oracle is a single-process run (in this process) of the same seeded base model with
-the same adapters (random non-zero B). Each layout loads its slices of the base weights and of
-the adapters, runs forward/backward on its DP share of the batch, reduces the LoRA gradients
-with `reduce_lora_grads`, and the gathered full-shape gradients must match to 1e-5 relative.
+The model oracle is a single-process run (in this process) of the same checkpoint with the same
+adapters (random non-zero B), in float64 so summation order stays far below the tolerance.
+Each layout loads its slices of the base weights (the loader) and of the adapters, runs
+forward/backward on its DP share of the batch, reduces the LoRA gradients with
+`reduce_lora_grads`, and the gathered full-shape gradients must match to 1e-5 relative. The
+same worlds check `groups.layout`, the rank table the dry run prints, against the ranks, groups
+and experts megatron itself gives every rank.
 """
 from __future__ import annotations
 
@@ -15,20 +20,37 @@ import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalora.parallel.multiprocess import spawn
-from test_lora_apply import build_model, make_batch, randomize_lora_b
+from megalora.train.model.tiny import make_tiny_checkpoint
+
+from support.multiprocess import spawn
+from test_lora_apply import make_batch, randomize_lora_b
 
 RTOL = 1e-5
 SEED = 11
 TARGETS = ["all-linear", "router", "shared_expert_gate", "output_layer"]
-# (name, world size, tp, ep, sequence parallel)
-LAYOUTS = [("tp2_sp", 2, 2, 1, True), ("ep2", 2, 1, 2, False), ("tp2_ep2_sp", 4, 2, 2, True)]
+# (name, world size, tp, ep, sequence parallel, token dispatcher, full recomputation)
+LAYOUTS = [("tp2_sp", 2, 2, 1, True, "alltoall", False), ("ep2_allgather", 2, 1, 2, False, "allgather", False),
+           ("tp2_ep2_sp", 4, 2, 2, True, "alltoall", False),
+           ("tp2_ep2_sp_allgather_recompute", 4, 2, 2, True, "allgather", True)]
+# Rank tables checked against megatron's groups without a model: (world size, tp, ep, expert tp).
+GROUPS_ONLY = [(4, 2, 2, 2)]
+NUM_EXPERTS = 8  # of the tiny qwen3_next_a
 
 
 def _lora_cfg() -> Any:
     from megalora.config import LoraSection
 
-    return LoraSection(lora_rank=4, lora_alpha=8.0, target_modules=TARGETS)
+    return LoraSection(lora_rank=4, lora_alpha=8.0, target_modules=TARGETS, lora_dtype="float64")
+
+
+def _build(model_dir: str, *, dispatcher: str = "alltoall", recompute: bool = False, sp: bool = False) -> Any:
+    from megalora.train.model.build import build_model
+
+    extra = ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+             if recompute else {})
+    model, _ = build_model(model_dir, dtype=torch.float64, sequence_parallel=sp, moe_token_dispatcher_type=dispatcher,
+                           moe_aux_loss_coeff=0.0, **extra)
+    return model
 
 
 def _step(model: Any, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -124,16 +146,14 @@ def wrapper_checks(rank: int) -> list[str]:
     return checked
 
 
-def reference_run() -> dict[str, Any]:
-    """One process: base state, adapters (random B), loss and LoRA gradients."""
+def reference_run(model_dir: str) -> dict[str, Any]:
+    """One process: adapters (random B), loss and LoRA gradients."""
     from megalora.parallel import groups
     from megalora.train.lora.apply import apply_lora
     from megalora.train.lora.grads import lora_parameters
 
     groups.initialize(seed=SEED)
-    torch.manual_seed(SEED)
-    model = build_model()
-    base = {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()}
+    model = _build(model_dir)
     apply_lora(model, _lora_cfg(), seed=SEED, verbose=False)
     randomize_lora_b(model)
     lora = {n: p.detach().clone() for n, p in lora_parameters(model)}
@@ -141,26 +161,45 @@ def reference_run() -> dict[str, Any]:
     loss = _step(model, tokens, labels)
     grads = {n: p.grad.clone() for n, p in lora_parameters(model)}
     groups.destroy()
-    return {"base": base, "lora": lora, "loss": loss.item(), "grads": grads}
+    return {"lora": lora, "loss": loss.item(), "grads": grads}
 
 
-def layout_worker(rank: int, world_size: int, ref: dict[str, Any], cases: list[tuple]) -> dict[str, Any]:
-    """Every layout of this world size: loss and local LoRA grads after the reductions."""
+def _megatron_placement(experts: list[int] | None) -> dict[str, Any]:
+    """Where megatron itself put this rank: its ranks, group members (and experts, from the model)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    def members(group: Any) -> list[int]:
+        return dist.get_process_group_ranks(group)
+
+    return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
+        "ep_rank": ps.get_expert_model_parallel_rank(), "etp_rank": ps.get_expert_tensor_parallel_rank(),
+        "expert_dp_rank": ps.get_expert_data_parallel_rank(), "experts": experts,
+        "tp_group": members(ps.get_tensor_model_parallel_group()), "dp_group": members(ps.get_data_parallel_group()),
+        "ep_group": members(ps.get_expert_model_parallel_group()),
+        "etp_group": members(ps.get_expert_tensor_parallel_group()),
+        "expert_dp_group": members(ps.get_expert_data_parallel_group()),
+    }
+
+
+def layout_worker(rank: int, world_size: int, model_dir: str, ref: dict[str, Any], cases: list[tuple],
+                  groups_only: list[tuple]) -> dict[str, Any]:
+    """Every layout of this world size: loss and local LoRA grads after the reductions, and where
+    megatron placed this rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megalora.parallel import groups
-    from megalora.parallel.sharding import gpt_rules, shard_state_dict
     from megalora.train.lora.apply import apply_lora
     from megalora.train.lora.grads import lora_parameters, reduce_lora_grads
     from megalora.train.lora.layout import lora_layout, shard_lora_state
 
     out: dict[str, Any] = {"wrappers": wrapper_checks(rank) if world_size == 2 else None}
-    for name, tp, ep, sp in cases:
+    for name, tp, ep, sp, dispatcher, recompute in cases:
         info = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=SEED)
-        model = build_model(tp=tp, ep=ep, sp=sp)
+        model = _build(model_dir, dispatcher=dispatcher, recompute=recompute, sp=sp)
         where = {"tp_rank": info["tp_rank"], "tp_size": tp, "ep_rank": info["ep_rank"], "ep_size": ep}
-        model.load_state_dict(shard_state_dict(ref["base"], rules=gpt_rules(), **where), strict=True)
         apply_lora(model, _lora_cfg(), seed=SEED, verbose=False)
         layout = lora_layout(model)
         shard = shard_lora_state(ref["lora"], layout, **where)
@@ -178,7 +217,11 @@ def layout_worker(rank: int, world_size: int, ref: dict[str, Any], cases: list[t
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         out[name] = {"loss": loss.item() / dp, "layout": layout,
                      "grads": {n: p.grad.clone() for n, p in params.items()},
-                     "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]}}
+                     "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]},
+                     "megatron": _megatron_placement(list(model.decoder.layers[0].mlp.local_expert_indices))}
+    for _, tp, ep, etp in groups_only:
+        groups.initialize(tp=tp, ep=ep, etp=etp, seed=SEED)
+        out[("groups", tp, ep, etp)] = _megatron_placement(None)
     groups.destroy()
     return out
 
@@ -188,17 +231,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    return reference_run()
+def model_dir(tmp_path_factory) -> str:
+    # A vocabulary TP=2 divides: the output layer's B then has the same rows in every layout.
+    return str(make_tiny_checkpoint("qwen3_next_a", tmp_path_factory.mktemp("lora-parallel"), seed=2,
+                                    overrides={"vocab_size": 256}))
 
 
 @pytest.fixture(scope="module")
-def world_results(reference: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+def reference(model_dir: str) -> dict[str, Any]:
+    return reference_run(model_dir)
+
+
+@pytest.fixture(scope="module")
+def world_results(model_dir: str, reference: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
     """One spawn per world size runs every check of that size (process start-up dominates)."""
     results = {}
     for world in (2, 4):
-        cases = [(n, tp, ep, sp) for n, w, tp, ep, sp in LAYOUTS if w == world]
-        results[world] = spawn(layout_worker, world, args=(reference, cases), timeout=400)
+        cases = [(n, *rest) for n, w, *rest in LAYOUTS if w == world]
+        groups_only = [g for g in GROUPS_ONLY if g[0] == world]
+        results[world] = spawn(layout_worker, world, args=(model_dir, reference, cases, groups_only), timeout=600)
     return results
 
 
@@ -211,9 +262,12 @@ def test_lora_grads_match_single_process_under_tp_sp_ep(reference: dict, world_r
     from megalora.train.lora.layout import gather_lora_state
 
     ref = reference
-    assert len(ref["grads"]) == 2 * 16 + 2  # per layer: 4 dense pairs, 4 expert, router and gate pairs; head
+    # every kind of target is there: GDN and attention projections, experts, shared expert, router, gate, head
+    for part in ("in_proj", "out_proj", "linear_qkv", "linear_proj", "mlp.experts", "shared_experts.linear_fc1",
+                 "router", "shared_experts.gate", "output_layer"):
+        assert any(part in name for name in ref["grads"]), part
     assert all(g.abs().sum() > 0 for g in ref["grads"].values())
-    for name, world, tp, ep, _ in LAYOUTS:
+    for name, world, tp, ep, *_ in LAYOUTS:
         results = [r[name] for r in world_results[world]]
         assert abs(results[0]["loss"] - ref["loss"]) <= RTOL * abs(ref["loss"]), name
         grads = gather_lora_state([r["grads"] for r in results], results[0]["layout"],
@@ -222,3 +276,33 @@ def test_lora_grads_match_single_process_under_tp_sp_ep(reference: dict, world_r
         for key, want in ref["grads"].items():
             assert grads[key].shape == want.shape, (name, key)
             assert _rel(grads[key], want) < RTOL, (name, key, _rel(grads[key], want))
+
+
+@pytest.mark.parametrize("case", [layout[:4] for layout in LAYOUTS] + [("groups", *g) for g in GROUPS_ONLY],
+                         ids=[layout[0] for layout in LAYOUTS] + [f"groups_tp{g[1]}_ep{g[2]}_etp{g[3]}" for g in GROUPS_ONLY])
+def test_layout_table_matches_megatron_groups(case: tuple, world_results: dict) -> None:
+    from megalora.parallel.groups import layout as layout_table
+
+    if case[0] == "groups":
+        _, world_size, tp, ep, etp = case
+        placements = [r[("groups", tp, ep, etp)] for r in world_results[world_size]]
+    else:
+        name, world_size, tp, ep = case
+        etp = 1
+        placements = [r[name]["megatron"] for r in world_results[world_size]]
+    rows = layout_table(world_size, tp=tp, ep=ep, etp=etp, num_experts=NUM_EXPERTS)
+    for row, placed in zip(rows, placements):
+        for key in ("tp_rank", "dp_rank", "ep_rank", "etp_rank", "expert_dp_rank"):
+            assert row[key] == placed[key], (row["rank"], key)
+        if placed["experts"] is not None:
+            assert row["experts"] == placed["experts"], row["rank"]
+
+        def same(*keys: str) -> list[int]:
+            return [r["rank"] for r in rows if all(r[k] == row[k] for k in keys)]
+
+        # a group is the set of ranks that agree on every other coordinate of its grid
+        assert placed["tp_group"] == same("dp_rank")
+        assert placed["dp_group"] == same("tp_rank")
+        assert placed["ep_group"] == same("etp_rank", "expert_dp_rank")
+        assert placed["etp_group"] == same("ep_rank", "expert_dp_rank")
+        assert placed["expert_dp_group"] == same("ep_rank", "etp_rank")

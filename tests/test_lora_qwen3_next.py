@@ -17,7 +17,7 @@ ALL = ["all-linear", "router", "shared_expert_gate", "output_layer"]
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from megalora.train.model.testing import make_tiny_checkpoint
+    from megalora.train.model.tiny import make_tiny_checkpoint
 
     groups.initialize(tp=1)
     yield make_tiny_checkpoint("qwen3_next_a", tmp_path_factory.mktemp("qwen3_next"))

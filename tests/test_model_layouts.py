@@ -11,16 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megalora.parallel.multiprocess import spawn
 from megalora.train.model.hf_config import padded_vocab_size, read_hf_config
 from megalora.train.model.mapping import rules_for
-from megalora.train.model.testing import (
-    make_tiny_checkpoint,
-    rank_forward,
-    reference_logits,
-    reference_packed_logits,
-    reference_token_loss,
-)
+from megalora.train.model.tiny import make_tiny_checkpoint
+
+from support.models import rank_forward, reference_logits, reference_packed_logits, reference_token_loss
+from support.multiprocess import spawn
 
 NAMES = ["qwen3_next_a", "qwen3_next_b", "qwen3_moe"]
 LAYOUTS = [(2, 1, True), (1, 2, False), (2, 2, True)]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from megalora.train.model import layouts
 from megalora.train.model.hf_config import padded_vocab_size, parse_hf_config, read_hf_config, to_transformer_config
 from megalora.train.model.mapping import hf_to_megatron, megatron_to_hf, vocab_rows
-from megalora.train.model.testing import TINY_CONFIGS, make_tiny_checkpoint
+from megalora.train.model.tiny import TINY_CONFIGS, make_tiny_checkpoint
 
 
 def _loop_qkv(q, k, v, *, head_dim, heads_per_group, gated):

@@ -10,17 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megalora.parallel.multiprocess import spawn
 from megalora.train.model.hf_config import padded_vocab_size, read_hf_config
 from megalora.train.model.mapping import hf_to_megatron
-from megalora.train.model.testing import (
-    TINY_CONFIGS,
-    make_tiny_checkpoint,
-    rank_forward_and_gradients,
-    reference_gradients,
-    reference_logits,
-    reference_packed_logits,
-)
+from megalora.train.model.tiny import TINY_CONFIGS, make_tiny_checkpoint
+
+from support.models import rank_forward_and_gradients, reference_gradients, reference_logits, reference_packed_logits
+from support.multiprocess import spawn
 
 SHARDED = "qwen3_moe_sharded"
 CASES = sorted(TINY_CONFIGS) + [SHARDED]

@@ -8,9 +8,11 @@ import re
 import pytest
 import torch
 
-from megalora.parallel.multiprocess import spawn
-from megalora.train.model.testing import make_tiny_checkpoint, rank_verify
+from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import VerifyResult, compare_logits
+
+from support.models import rank_verify
+from support.multiprocess import spawn
 
 SUMMARY = re.compile(
     r"^verify: rel_l2=(\S+) max_abs=(\S+) argmax_agree=([0-9.]+) status=(ok|FAIL)$"

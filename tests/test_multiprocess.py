@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from megalora.parallel.multiprocess import SpawnError, spawn
+from support.multiprocess import SpawnError, spawn
 
 
 def _describe(rank: int, world_size: int, offset: int) -> dict[str, Any]:

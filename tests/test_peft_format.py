@@ -18,7 +18,7 @@ from megalora.train.lora.apply import apply_lora
 from megalora.train.lora.layout import lora_layout
 from megalora.train.lora.options import LoraOptions
 from megalora.train.lora.peft_format import load_peft_adapter, megatron_to_peft, write_peft_adapter
-from megalora.train.model.testing import make_tiny_checkpoint
+from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits, transformers_logits
 
 ALL = ["all-linear", "router", "shared_expert_gate", "output_layer"]

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from megalora.parallel.multiprocess import spawn
-from megalora.train.model.testing import make_tiny_checkpoint
+from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import compare_logits
+
+from support.multiprocess import spawn
 from test_peft_format import TOL, build_lora_model, peft_made_adapter
 
 LAYOUTS = [(2, 1, True), (1, 2, False), (2, 2, True)]  # (tp, ep, sequence_parallel)

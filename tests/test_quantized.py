@@ -20,12 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from megalora.parallel.multiprocess import spawn
 from megalora.train.model.hf_config import read_hf_config
 from megalora.train.model.loader import CheckpointReader
 from megalora.train.model.quant import dequantize_slice
-from megalora.train.model.testing import (
-    dequantized_reference, make_fp8_checkpoint, make_tiny_checkpoint, rank_verify_layouts, sample_tokens)
+from megalora.train.model.tiny import make_tiny_checkpoint
+
+from support.models import dequantized_reference, make_fp8_checkpoint, rank_verify_layouts, sample_tokens
+from support.multiprocess import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 CUT_BLOCK = (20, 24)

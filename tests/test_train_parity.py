@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from megalora.parallel.multiprocess import spawn
+from support.multiprocess import spawn
+
 
 STEPS = 20
 RTOL = 1e-5

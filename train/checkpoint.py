@@ -23,43 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from megalora.config import ConfigError
 from megalora.errors import UserError
-from megalora.train.lora.layout import gather_lora_state, shard_lora_state
+from megalora.train.lora.layout import gather_full_lora, rank_coords, shard_lora_state
 from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
 
 FORMAT_VERSION = 1
-
-
-def _coords() -> dict:
-    from megatron.core import parallel_state as ps
-
-    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
-            "tp_size": ps.get_tensor_model_parallel_world_size(), "ep_size": ps.get_expert_model_parallel_world_size()}
-
-
-def _gather_full(local: dict[str, torch.Tensor], layout: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    """Full-shape tensors on rank 0 (None elsewhere) from every rank's shards."""
-    coords = _coords()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return {k: v.detach().cpu().clone() for k, v in local.items()}
-    payload = ({k: v.detach().cpu() for k, v in local.items()}, coords)
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(payload, gathered, dst=0)
-    if dist.get_rank() != 0:
-        return None
-    # One representative rank per (tp_rank, ep_rank) coordinate is enough.
-    reps: dict[tuple[int, int], tuple[dict, dict]] = {}
-    for part, c in gathered:
-        reps.setdefault((c["tp_rank"], c["ep_rank"]), (part, c))
-    tp_size, ep_size = coords["tp_size"], coords["ep_size"]
-    parts, rows = [], []
-    for (tp_rank, ep_rank), (part, c) in sorted(reps.items()):
-        parts.append(part)
-        rows.append({"tp_rank": tp_rank, "ep_rank": ep_rank})
-    return gather_lora_state(parts, {k: layout[k] for k in local}, rows=rows, tp_size=tp_size, ep_size=ep_size)
 
 
 def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[str, str], meta: dict,
@@ -67,7 +39,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
     """Write checkpoint-<step> atomically (rank 0 writes shared files, each rank its RNG)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     named = {n: p for n, p in model.named_parameters() if n in layout}
-    weights = _gather_full({n: p.data for n, p in named.items()}, layout)
+    weights = gather_full_lora({n: p.data for n, p in named.items()}, layout)
     moments = None
     if save_optim:
         local = {}
@@ -77,7 +49,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
                 local[f"exp_avg.{n}"] = state["exp_avg"]
                 local[f"exp_avg_sq.{n}"] = state["exp_avg_sq"]
         moment_layout = {f"{m}.{n}": layout[n] for n in named for m in ("exp_avg", "exp_avg_sq")}
-        moments = _gather_full(local, moment_layout)
+        moments = gather_full_lora(local, moment_layout)
     tmp = tmp_checkpoint_dir(run_dir, step)
     last_good = read_latest(run_dir)
 
@@ -145,7 +117,7 @@ def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], sam
     """Load this rank's shards of the LoRA weights (and optimizer, RNG) from `path` (verified by
     `run_dir.verify_checkpoint` first); returns meta."""
     meta = json.loads((path / "meta.json").read_text())
-    coords = _coords()
+    coords = rank_coords()
     shard_kw = dict(tp_rank=coords["tp_rank"], tp_size=coords["tp_size"], ep_rank=coords["ep_rank"],
                     ep_size=coords["ep_size"])
     full = load_file(str(path / "adapter_model.safetensors"))
@@ -193,8 +165,6 @@ def save_rng_state(path: Path) -> None:
 
 def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, its I/O errors raised as OSError naming the file."""
-    from safetensors import SafetensorError
-
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:
@@ -202,8 +172,6 @@ def _save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
 
 
 def load_rng_state(path: Path) -> None:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}

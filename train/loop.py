@@ -1,6 +1,7 @@
 """The step loop: optimizer, schedule, evaluation, checkpoints, resume, signals, logging."""
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch
 from megalora.config import ConfigError
 from megalora.train.checkpoint import load_checkpoint, save_checkpoint
 from megalora.train.logging import Progress, make_sinks
-from megalora.train.run_dir import (check_base_model, fingerprint_model, prune_checkpoints, resolve_resume, start_run,
-                                    truncate_metrics)
+from megalora.train.lora.grads import reduce_lora_grads
+from megalora.train.run_dir import (check_base_model, checkpoint_name, fingerprint_model, prune_checkpoints, resolve_resume,
+                                    start_run, truncate_metrics)
 from megalora.train.schedule import lr_at, warmup_steps
 from megalora.train.signals import StopRequest
 from megalora.train.step import dp_all_reduce, eval_step, train_step
@@ -24,8 +26,6 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     def __init__(self, cfg, rt, *, model, layout: dict[str, str], loader, val_loader, grad_accum: int,
                  model_dir: Path, report):
-        from megalora.train.lora.grads import reduce_lora_grads
-
         self.cfg, self.rt, self.model, self.layout = cfg, rt, model, layout
         self.loader, self.val_loader, self.grad_accum = loader, val_loader, grad_accum
         self.model_dir, self.report = model_dir, report
@@ -62,8 +62,6 @@ class Trainer:
             self._start_run(None)
             return
         path = resolve_resume(ck.resume, self.run_dir)
-        import json
-
         meta = json.loads((path / "meta.json").read_text())
         check_base_model(meta, self.model_dir, where=f"`resume`: {path}",
                          allow_change=ck.allow_base_model_change, fingerprint=self.fingerprint)
@@ -133,8 +131,6 @@ class Trainer:
 
     def last_checkpoint_path(self) -> Path:
         """The newest checkpoint of this run, on every rank (only rank 0 tracks it while saving)."""
-        from megalora.train.run_dir import checkpoint_name
-
         return self.run_dir / checkpoint_name(self.step)
 
     # -- the loop ------------------------------------------------------------------------

@@ -6,9 +6,8 @@ one accepts both. It has the constructor megatron's norm specs are built with
 
 Under sequence parallelism each TP rank normalises only its slice of the tokens, so the
 weight's gradient on each rank is partial. Like megatron's own norms, the weight carries
-``sequence_parallel = True`` so the gradient finaliser sums it over the TP group
-(megatron's ``finalize_model_grads``, or
-``megalora.parallel.grads.allreduce_sequence_parallel_grads``).
+``sequence_parallel = True`` so megatron's gradient finaliser (``finalize_model_grads``) sums
+it over the TP group should it be trained.
 """
 
 from __future__ import annotations

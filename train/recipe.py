@@ -19,7 +19,6 @@ Features and the config keys that control them:
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -77,7 +76,7 @@ def _barrier() -> None:
 def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
     """Model folder on every rank (rank 0 creates the demo / downloads first); `demo` data resolved."""
     from megalora.demo import DEMO, ensure_demo_assets
-    from megalora.dry_run import resolve_model_dir
+    from megalora.train.inputs import resolve_model_dir
 
     needs_demo = cfg.model.model == DEMO or DEMO in cfg.data.dataset or DEMO in cfg.data.val_dataset
     if needs_demo and rt.rank == 0:
@@ -130,11 +129,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, rt: Runtime) -> None:
         raise ConfigError(error)
 
 
-def data_cache_dir() -> Path:
-    base = os.environ.get("MEGALORA_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "megalora")
-    return Path(base) / "data"
-
-
 def train(cfg: Config, extras: Extras) -> int:
     from megalora.parallel import groups
 
@@ -160,7 +154,8 @@ def train(cfg: Config, extras: Extras) -> int:
 
 
 def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
-    from megalora.dry_run import check_inputs, check_model_files, describe_extras, load_tokenizer, read_model_shape
+    from megalora.train.inputs import (check_inputs, check_model_files, data_cache_dir, describe_extras, load_tokenizer,
+                                       read_model_shape)
     from megalora.data.dataset import build_datasets
     from megalora.data.sampler import BatchLoader
     from megalora.train.loop import Trainer

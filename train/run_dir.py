@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -189,8 +190,6 @@ def fingerprint_model(model_dir: Path) -> str:
     """A cheap content identity of the base weights: config.json, each safetensors file's name,
     size and header, and 64 bytes at the start, middle and end of every tensor's data (so a
     weight changed in place, same size, changes it too). Reads ~200 bytes per tensor."""
-    import struct
-
     h = hashlib.sha256()
     model_dir = Path(model_dir)
     h.update((model_dir / "config.json").read_bytes())

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megalora.data.errors import DataError
 
@@ -42,8 +46,6 @@ def shift_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def packed_seq_params(batch: dict):
     """THD boundaries for the model when the batch holds packed samples (batch size 1 rows)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     cu = batch["cu_seqlens"].to(torch.int32)
     max_len = int(batch["max_seqlen"])
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len,
@@ -67,8 +69,6 @@ def forward_loss(model, batch: dict, *, device: torch.device, packed: bool) -> t
 
 def dp_all_reduce(values: torch.Tensor) -> torch.Tensor:
     """SUM over the data-parallel group (ranks that see different samples)."""
-    from megatron.core import parallel_state
-
     if dist.is_initialized():
         group = parallel_state.get_data_parallel_group()
         if group.size() > 1:
@@ -81,8 +81,6 @@ def lora_grad_norm(model, layout: dict[str, str]) -> float:
 
     TP-split halves are summed over TP, routed-expert adapters over EP, replicated ones
     counted once (every rank holds the same reduced copy)."""
-    from megatron.core import parallel_state
-
     sums = torch.zeros(3, dtype=torch.float64)
     for name, p in model.named_parameters():
         if p.grad is None or name not in layout:
@@ -125,8 +123,6 @@ def train_step(model, micro_batches: list[dict], *, device: torch.device, packed
                layout: dict[str, str], params: list[torch.nn.Parameter], clip_grad: float,
                reduce_grads) -> StepResult:
     """Forward/backward over the micro-batches of one step; grads reduced and clipped."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
     local = torch.tensor([float(sum(int(b["num_trained_tokens"]) for b in micro_batches))], dtype=torch.float64)
     global_tokens = float(dp_all_reduce(local.clone())[0])
     if global_tokens == 0:
@@ -154,8 +150,6 @@ def train_step(model, micro_batches: list[dict], *, device: torch.device, packed
 @torch.no_grad()
 def eval_step(model, batch: dict, *, device: torch.device, packed: bool) -> tuple[float, int, int]:
     """(sum of token losses, trained tokens, correctly predicted trained tokens) of one micro-batch."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     targets, mask = shift_labels(batch["labels"])
     ids, pos = batch["input_ids"], batch["position_ids"]
     kwargs = {}

@@ -48,7 +48,8 @@ def cmd_verify(argv: list[str]) -> int:
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--torch_dtype {dtype}: verify compares in float32 or bfloat16 (its pass bounds are for those)")
     sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
-    from megalora.dry_run import resolve_model_dir_from_name
+    from megalora.train.inputs import resolve_model_dir_from_name
+    from megalora.train.lora.adapter_formats import peft_readable
     from megalora.parallel import groups
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import run_verify
@@ -64,7 +65,8 @@ def cmd_verify(argv: list[str]) -> int:
                             sequence_parallel=sequence_parallel, tolerance=own.tolerance,
                             dtype=getattr(torch, dtype), device=device,
                             seq_length=own.seq_length, batch_size=own.batch_size, seed=cfg.train.seed,
-                            apply_adapter=_apply_adapter if adapter else None)
+                            apply_adapter=_apply_adapter if adapter else None,
+                            prepare_adapter=peft_readable if adapter else None)
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:

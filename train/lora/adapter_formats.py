@@ -31,18 +31,26 @@ and no Qwen3-Next at all).
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 
+from megalora.train.lora.options import LoraOptions
 from megalora.train.lora.peft_format import (
+    _PEFT_RENAMES_MLP,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     _rule_index,
     _targets,
     megatron_to_peft,
+    peft_to_megatron,
     read_checkpoint_lora,
     save_adapter,
 )
@@ -221,13 +229,6 @@ def peft_readable(adapter_dir: str | Path, *, hf_spec: HFModelSpec, work_dir: st
     adapter converted to peft's form in `work_dir`. On Qwen3-MoE / Qwen3-Next peft turns the MLP leaf
     names of `target_modules` (gate_proj, up_proj, down_proj, gate) into the fused expert parameters,
     so a `vllm` / `sglang` adapter would lose its shared-expert, dense-MLP and router adapters there."""
-    import json
-
-    from safetensors import safe_open
-
-    from megalora.train.lora.options import LoraOptions
-    from megalora.train.lora.peft_format import _PEFT_RENAMES_MLP, ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_to_megatron
-
     folder = Path(adapter_dir)
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as handle:
@@ -235,8 +236,6 @@ def peft_readable(adapter_dir: str | Path, *, hf_spec: HFModelSpec, work_dir: st
     if hf_spec.model_type not in _PEFT_RENAMES_MLP or config.get("target_parameters") or \
             not any(".mlp." in k for k in keys):
         return folder
-    from safetensors.torch import load_file
-
     options = LoraOptions(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                           use_rslora=bool(config.get("use_rslora", False)))
     full = peft_to_megatron(load_file(str(folder / ADAPTER_WEIGHTS)), config, hf_spec=hf_spec)

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
@@ -48,8 +49,6 @@ def _all_reduce_grads(params: Iterable[torch.nn.Parameter], group: Optional[dist
 
 def allreduce_lora_grads(model: torch.nn.Module) -> None:
     """SUM over the tensor-parallel group the grads of LoRA halves marked `lora_tp_allreduce`."""
-    from megatron.core import parallel_state
-
     marked = [p for _, p in lora_parameters(model) if getattr(p, "lora_tp_allreduce", False)]
     if marked:
         _all_reduce_grads(marked, parallel_state.get_tensor_model_parallel_group())
@@ -57,8 +56,6 @@ def allreduce_lora_grads(model: torch.nn.Module) -> None:
 
 def reduce_lora_grads(model: torch.nn.Module) -> None:
     """All LoRA gradient reductions: TP (sequence-parallel halves), then DP / expert-DP average."""
-    from megatron.core import parallel_state
-
     allreduce_lora_grads(model)
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     dp_size = dp_group.size()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import mappings
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megalora.train.lora.options import (
     LoraOptions,
@@ -115,8 +116,6 @@ class LoraLinear(torch.nn.Module):
         """
         split = self._tp_size > 1 and (self.parallel_mode == "row" or self._sequence_parallel)
         if split and self.training and self.options.dropout > 0:
-            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
             tracker = get_cuda_rng_tracker()
             if tracker.is_initialized():
                 with tracker.fork():

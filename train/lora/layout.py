@@ -1,4 +1,5 @@
-"""Which rank holds which slice of each LoRA tensor: a per-name plan and two pure functions.
+"""Which rank holds which slice of each LoRA tensor: a per-name plan, two pure functions, and
+the collective that gathers every rank's slices into full tensors on rank 0.
 
 Kinds (the split follows the wrapped base layer):
 
@@ -20,10 +21,13 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megalora.train.lora.experts import LoraExperts
 from megalora.train.lora.gates import LoraGate
 from megalora.train.lora.layers import LoraLinear
+
 
 def _segments(kind: str) -> list[int] | None:
     """Full part sizes of a `segments:` kind (`glu_column` is two equal parts), else None."""
@@ -114,3 +118,31 @@ def gather_lora_state(parts: Sequence[Mapping[str, torch.Tensor]], layout: Mappi
         else:
             full[key] = torch.cat([by_tp[t][key] for t in range(tp_size)], dim=1 if kind == "row" else 0)
     return full
+
+
+def rank_coords() -> dict:
+    """This rank's tp/ep ranks and the tp/ep sizes, from megatron's groups."""
+    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
+            "tp_size": ps.get_tensor_model_parallel_world_size(), "ep_size": ps.get_expert_model_parallel_world_size()}
+
+
+def gather_full_lora(local: dict[str, torch.Tensor], layout: dict[str, str]) -> dict[str, torch.Tensor] | None:
+    """Full-shape tensors on rank 0 (None elsewhere) from every rank's shards."""
+    coords = rank_coords()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: v.detach().cpu().clone() for k, v in local.items()}
+    payload = ({k: v.detach().cpu() for k, v in local.items()}, coords)
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    # One representative rank per (tp_rank, ep_rank) coordinate is enough.
+    reps: dict[tuple[int, int], tuple[dict, dict]] = {}
+    for part, c in gathered:
+        reps.setdefault((c["tp_rank"], c["ep_rank"]), (part, c))
+    tp_size, ep_size = coords["tp_size"], coords["ep_size"]
+    parts, rows = [], []
+    for (tp_rank, ep_rank), (part, c) in sorted(reps.items()):
+        parts.append(part)
+        rows.append({"tp_rank": tp_rank, "ep_rank": ep_rank})
+    return gather_lora_state(parts, {k: layout[k] for k in local}, rows=rows, tp_size=tp_size, ep_size=ep_size)

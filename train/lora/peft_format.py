@@ -58,10 +58,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from megalora.config import ConfigError
-from megalora.train.model.hf_config import HFModelSpec
+from megalora.train.lora.options import LoraOptions
+from megalora.train.model.hf_config import HFModelSpec, read_hf_config
 from megalora.train.model.mapping import Rule, Source, rules_for
 
 PEFT_PREFIX = "base_model.model."
@@ -256,11 +258,6 @@ def _export_experts(full_lora: Mapping[str, Tensor], target: _Target, tensors: d
 def read_checkpoint_lora(checkpoint_dir: str | Path) -> tuple[dict[str, Tensor], HFModelSpec, Any, str]:
     """(full megatron LoRA tensors, HF spec of the trained layers, LoraOptions, base model path) of a
     training checkpoint (adapter_model.safetensors + meta.json)."""
-    from safetensors.torch import load_file
-
-    from megalora.train.lora.options import LoraOptions
-    from megalora.train.model.hf_config import read_hf_config
-
     ckpt = Path(checkpoint_dir)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
@@ -284,8 +281,6 @@ def read_checkpoint_lora(checkpoint_dir: str | Path) -> tuple[dict[str, Tensor],
 
 def save_adapter(tensors: Mapping[str, Tensor], config: Mapping[str, Any], out_dir: str | Path) -> Path:
     """Write `adapter_model.safetensors` + `adapter_config.json` into `out_dir` (created)."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(dict(tensors), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -304,7 +299,7 @@ def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping[str, Any], *,
                      hf_spec: HFModelSpec, scaling: float | None = None) -> dict[str, Tensor]:
     """peft tensors + adapter_config -> full megatron LoRA dict (see `peft_import.peft_to_megatron`)."""
-    from megalora.train.lora import peft_import
+    from megalora.train.lora import peft_import  # builds on this module: imported at call time
 
     return peft_import.peft_to_megatron(peft_tensors, adapter_config, hf_spec=hf_spec, scaling=scaling)
 
@@ -312,7 +307,7 @@ def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping
 def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec) -> dict[str, int]:
     """Load a peft adapter folder into a model wrapped by `apply_lora`, on any layout
     (see `peft_import.load_peft_adapter`)."""
-    from megalora.train.lora import peft_import
+    from megalora.train.lora import peft_import  # builds on this module: imported at call time
 
     return peft_import.load_peft_adapter(model, adapter_dir, hf_spec=hf_spec)
 
@@ -321,7 +316,7 @@ def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_sp
                        seed: int = 42, expert_impl: str = "grouped") -> dict[str, int]:
     """`apply_lora` with the adapter's own targets, rank and alpha, then `load_peft_adapter`
     (see `peft_import.apply_peft_adapter`)."""
-    from megalora.train.lora import peft_import
+    from megalora.train.lora import peft_import  # builds on this module: imported at call time
 
     return peft_import.apply_peft_adapter(model, adapter_dir, hf_spec=hf_spec, seed=seed, expert_impl=expert_impl)
 

@@ -18,17 +18,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from megalora.train.lora.layout import lora_layout, shard_lora_state
+from megalora.train.lora.layout import gather_full_lora, lora_layout, shard_lora_state
 from megalora.train.lora.options import kaiming_uniform_full
+from megalora.train.lora.peft_format import megatron_to_peft, peft_to_megatron
+from megalora.train.lora.peft_import import load_megatron_lora
 
 
 def _full_lora(model: torch.nn.Module, layout: dict[str, str]) -> dict[str, torch.Tensor]:
     """Every rank gets the full-shape LoRA tensors of `model` (gathered over the layout)."""
-    from megalora.train.checkpoint import _gather_full
-
     named = {n: p.data for n, p in model.named_parameters() if n in layout}
-    full = _gather_full(named, layout)
+    full = gather_full_lora(named, layout)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [full]
         dist.broadcast_object_list(box, src=0)
@@ -38,11 +39,6 @@ def _full_lora(model: torch.nn.Module, layout: dict[str, str]) -> dict[str, torc
 
 def split_fused_adapters(model: torch.nn.Module, *, hf_spec: Any, lora_options: Any, seed: int) -> int:
     """Give every fused layer one adapter per HF projection; returns how many B tensors are masked."""
-    from megatron.core import parallel_state as ps
-
-    from megalora.train.lora.peft_format import megatron_to_peft, peft_to_megatron
-    from megalora.train.lora.peft_import import load_megatron_lora
-
     layout = lora_layout(model)
     full = _full_lora(model, layout)
     tensors, config = megatron_to_peft(full, hf_spec=hf_spec, lora_options=lora_options)

@@ -8,13 +8,25 @@ adapter, when given) and compares; every rank returns the same `VerifyResult`.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import peft
 import torch
 import torch.distributed as dist
+import transformers
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from torch import Tensor
+
+from megalora.parallel import groups
+from megalora.train.model.build import build_model
+from megalora.train.model.hf_config import HFModelSpec, read_hf_config
+
+# Turns an adapter folder into one peft reads as meant on this model: (adapter, hf_spec=, work_dir=) -> folder.
+PrepareAdapter = Callable[..., Path]
 
 DEFAULT_NUM_TOKENS = 32
 # Pass criteria per compute dtype: (largest relative L2 of the logits, least argmax agreement).
@@ -102,8 +114,6 @@ def megatron_logits(
     With `cu_seqlens` ([N + 1], int) `tokens` is one packed row [1, t] of N sequences;
     `cu_seqlens_padded` gives the segment bounds when each sequence is followed by
     padding tokens (then `cu_seqlens` holds the real lengths)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     tp = info.where.tp_size
     if info.sequence_parallel and tokens.shape[1] % tp:
@@ -142,16 +152,15 @@ def transformers_logits(
     *,
     num_layers: int | None = None,
     adapter: str | Path | None = None,
+    prepare_adapter: PrepareAdapter | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Reference logits (fp32, on the CPU) from transformers run in `dtype` on `device` (with a PEFT
-    adapter when given, loaded by peft; an adapter in a layout peft misreads on this model, e.g.
-    `vllm`'s, is first converted to peft's form, see `adapter_formats.peft_readable`); `num_layers`
+    adapter when given, loaded by peft; `prepare_adapter` first converts an adapter in a layout peft
+    misreads on this model, e.g. `vllm`'s: pass `adapter_formats.peft_readable`); `num_layers`
     keeps only the first decoder layers, as `build_model` does. Block-FP8 weights are dequantized
     by transformers at load."""
-    import transformers
-
     config = transformers.AutoConfig.from_pretrained(model_dir)
     if num_layers is not None:
         config.num_hidden_layers = num_layers
@@ -170,17 +179,10 @@ def transformers_logits(
             dequantize=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype, **kwargs)
     if adapter is not None:
-        import tempfile
-
-        import peft
-
-        from megalora.train.lora.adapter_formats import peft_readable
-        from megalora.train.model.hf_config import read_hf_config
-
-        spec = read_hf_config(model_dir)
+        spec: HFModelSpec = read_hf_config(model_dir)
         with tempfile.TemporaryDirectory() as work_dir:
-            readable = peft_readable(adapter, hf_spec=spec.truncated(num_layers) if num_layers else spec,
-                                     work_dir=work_dir)
+            readable = adapter if prepare_adapter is None else prepare_adapter(
+                adapter, hf_spec=spec.truncated(num_layers) if num_layers else spec, work_dir=work_dir)
             model = peft.PeftModel.from_pretrained(model, str(readable))
     model.to(device).eval()
     with torch.no_grad():
@@ -204,20 +206,19 @@ def run_verify(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     apply_adapter: Callable[[torch.nn.Module, Any, str | Path], None] | None = None,
+    prepare_adapter: PrepareAdapter | None = None,
     reference_dir: str | Path | None = None,
 ) -> VerifyResult:
     """Build megatron (TP=`tp`, EP=`ep`) and transformers models from `model_dir`, run the
     same tokens through both, and compare logits. Call it on every rank of the world
     (or in a single process). Without `tokens`, `default_tokens(seq_length, batch_size,
     seed)` are used. `apply_adapter(model, info, adapter)` loads a PEFT adapter into our
-    LoRA modules; it is needed when `adapter` is given. Both models run in `dtype`, megatron on
-    `device`, transformers there too in bf16/fp16 and on the CPU in fp32 (its exact path);
+    LoRA modules; it is needed when `adapter` is given, as is `prepare_adapter` (see
+    `transformers_logits`) for an adapter peft does not read as written. Both models run in
+    `dtype`, megatron on `device`, transformers there too in bf16/fp16 and on the CPU in fp32 (its exact path);
     `tolerance` and `min_argmax_agree` default to `TOLERANCES[dtype]`. `reference_dir` gives
     transformers another folder with the same weights (e.g. a block-FP8 checkpoint dequantized by
     other means, where transformers' own dequantization cannot read its blocks)."""
-    from megalora.parallel import groups
-    from megalora.train.model.build import build_model
-
     if adapter is not None and apply_adapter is None:
         raise ValueError("adapter given but no apply_adapter function to load it into the megatron model")
     if dtype not in TOLERANCES:
@@ -244,10 +245,12 @@ def run_verify(
         # fp32 references run on the CPU: on CUDA transformers sends Qwen3-Next's GDN through the
         # kernel library's Triton kernels, whose fp32 products use TF32; its torch path is exact.
         reference = transformers_logits(reference_dir or model_dir, tokens, num_layers=num_layers, adapter=adapter,
+                                        prepare_adapter=prepare_adapter,
                                         dtype=dtype, device="cpu" if dtype == torch.float32 else device)
         result[0] = compare_logits(ours, reference, tolerance=tolerance, min_argmax_agree=min_argmax_agree)
         if dtype != torch.float32:
             truth = transformers_logits(reference_dir or model_dir, tokens, num_layers=num_layers, adapter=adapter,
+                                        prepare_adapter=prepare_adapter,
                                         dtype=torch.float32, device="cpu")
             result[0] = dataclasses.replace(result[0], ours_vs_fp32=compare_logits(ours, truth, tolerance=1).rel_l2,
                                             reference_vs_fp32=compare_logits(reference, truth, tolerance=1).rel_l2)

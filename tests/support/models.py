@@ -1,13 +1,9 @@
-"""Tiny random HF checkpoints made by transformers itself, for parity tests.
+"""Test support for the model tests: block-FP8 checkpoints made from tiny ones, seeded sample
+inputs (padded batches, packed rows), the transformers reference computations, and the
+`rank_*` functions the multi-process tests spawn (spawned functions must live in an
+importable module).
 
-Every checkpoint is created with seeded random weights and written with
-`save_pretrained`, so the files on disk have exactly the layout transformers
-writes for real models (one tensor per routed expert, `model.safetensors` or a
-sharded set with `model.safetensors.index.json`).
-
-Also here: seeded sample inputs (padded batches, packed rows), the transformers
-reference computations, and the `rank_*` functions the multi-process tests spawn
-(spawned functions must live in an importable module).
+The tiny checkpoints themselves are product code: `megalora.train.model.tiny`.
 """
 
 from __future__ import annotations
@@ -17,139 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from safetensors.torch import load_file, save_file
 
-# Each shape exercises different config fields that change the math: head_dim that
-# differs from hidden/heads, GQA ratios, partial rotary, layer patterns, expert counts,
-# norm_topk_prob both ways, dense layers inside MoE models, tied embeddings, and vocab
-# sizes that no tensor-parallel degree divides.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen3_next_a": {
-        "architectures": ["Qwen3NextForCausalLM"],
-        "model_type": "qwen3_next",
-        "vocab_size": 251,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
-        "full_attention_interval": 2,
-        "linear_conv_kernel_dim": 4,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 8,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 48,
-        "norm_topk_prob": True,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
-        "tie_word_embeddings": False,
-    },
-    "qwen3_next_b": {
-        "architectures": ["Qwen3NextForCausalLM"],
-        "model_type": "qwen3_next",
-        "vocab_size": 317,
-        "hidden_size": 48,
-        "intermediate_size": 80,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 6,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "rms_norm_eps": 1e-5,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
-        "full_attention_interval": 3,
-        "linear_conv_kernel_dim": 3,
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 12,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 2,
-        "num_experts": 6,
-        "num_experts_per_tok": 3,
-        "moe_intermediate_size": 24,
-        "shared_expert_intermediate_size": 16,
-        "norm_topk_prob": False,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [1],
-        "tie_word_embeddings": True,
-    },
-    "qwen3_moe": {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "model_type": "qwen3_moe",
-        "vocab_size": 301,
-        "hidden_size": 64,
-        "intermediate_size": 72,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 24,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "num_experts": 8,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "norm_topk_prob": False,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [1],
-        "tie_word_embeddings": False,
-    },
-    "qwen3": {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        "vocab_size": 256,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
-        "tie_word_embeddings": True,
-    },
-}
-
-
-def make_tiny_checkpoint(
-    name: str,
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    max_shard_size: str | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> Path:
-    """Create and save a tiny random HF checkpoint for one of `TINY_CONFIGS`.
-
-    Weights are transformers' own init plus seeded noise on every tensor, so norms,
-    router, A_log and dt_bias are all non-trivial and a wrong mapping shows in the
-    logits. `max_shard_size` (e.g. "20KB") writes a multi-file checkpoint with an index.
-    """
-    import transformers
-
-    if name not in TINY_CONFIGS:
-        raise ValueError(f"unknown tiny checkpoint {name!r}; choose one of {sorted(TINY_CONFIGS)}")
-    fields = dict(TINY_CONFIGS[name])
-    fields.update(overrides or {})
-    model_type = fields.pop("model_type")
-    fields.pop("architectures")
-    config = transformers.AutoConfig.for_model(model_type, **fields)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    out = Path(out_dir)
-    kwargs: dict[str, Any] = {}
-    if max_shard_size is not None:
-        kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(out, **kwargs)
-    return out
-
+from megalora.parallel import groups
+from megalora.train.model.build import build_model
+from megalora.train.model.verify import (compare_logits, default_tokens, megatron_logits, run_verify,
+                                         transformers_logits)
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Tensors Qwen's -FP8 releases keep unquantized (with every 1-D tensor and conv1d).
@@ -174,8 +44,6 @@ def make_fp8_checkpoint(src_dir: str | Path, out_dir: str | Path, *, block: tupl
     `block` of [rows, columns], amax / 448, partial edge blocks included), everything else
     (embeddings, LM head, router, shared-expert gate, norms, conv1d, A_log, dt_bias) in
     bfloat16, and config.json with `quantization_config` (quant_method fp8) and dtype bfloat16."""
-    from safetensors.torch import load_file, save_file
-
     src, out = Path(src_dir), Path(out_dir)
     out.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -206,8 +74,6 @@ def dequantized_reference(fp8_dir: str | Path, out_dir: str | Path) -> Path:
     """A plain float32 checkpoint with the real weights of the block-FP8 checkpoint in
     `fp8_dir`, computed from the raw files (whole tensors, scales expanded block by block)
     and without `quantization_config`: the reference transformers loads for verify."""
-    from safetensors.torch import load_file, save_file
-
     src, out = Path(fp8_dir), Path(out_dir)
     out.mkdir(parents=True)
     config = json.loads((src / "config.json").read_text())
@@ -280,10 +146,6 @@ def rank_forward(
     `sample_tokens`, packed and padded-packed rows and the per-token loss; on every rank
     its parameter element counts and the bytes it read from disk. One world serves
     several layouts so tests pay the process start-up once."""
-    from megalora.parallel import groups
-    from megalora.train.model.build import build_model
-    from megalora.train.model.verify import megatron_logits
-
     results: dict[Layout, dict[str, dict[str, Any]]] = {}
     for tp, ep, sequence_parallel in layouts:
         groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
@@ -318,8 +180,6 @@ def rank_forward(
 
 def reference_logits(model_dir: str | Path) -> torch.Tensor:
     """transformers' fp32 logits for `sample_tokens` on the checkpoint in `model_dir`."""
-    import transformers
-
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     vocab_size = model.config.vocab_size
@@ -337,8 +197,6 @@ def reference_token_loss(model_dir: str | Path) -> torch.Tensor:
 def reference_packed_logits(model_dir: str | Path) -> torch.Tensor:
     """transformers' logits for `packed_sample_tokens`, each sequence run on its own and
     the results concatenated: [1, 16, vocab]."""
-    import transformers
-
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     tokens = packed_sample_tokens(model.config.vocab_size)
@@ -352,15 +210,6 @@ def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, per
     """Spawn target: `run_verify` with TP=`world_size` and sequence parallel on the first
     `num_layers` layers; then the same check after adding noise to parameter `perturb`
     of the loaded megatron model (on every rank, so every shard of it changes)."""
-    from megalora.train.model.build import build_model
-    from megalora.train.model.verify import (
-        compare_logits,
-        default_tokens,
-        megatron_logits,
-        run_verify,
-        transformers_logits,
-    )
-
     clean = run_verify(model_dir, num_layers=num_layers, tp=world_size, sequence_parallel=True)
     model, info = build_model(model_dir, num_layers=num_layers, sequence_parallel=True)
     params = dict(model.named_parameters())
@@ -382,9 +231,6 @@ def rank_verify_layouts(
     """Spawn target: `run_verify` of `model_dir` against transformers on `reference_dir`
     for each (tp, ep, sequence_parallel) layout in turn, with the tensors this rank's load
     dequantized (count) and the bytes it read."""
-    from megalora.train.model.build import build_model
-    from megalora.train.model.verify import run_verify
-
     out: dict[Layout, Any] = {}
     for tp, ep, sequence_parallel in layouts:
         result = run_verify(model_dir, tp=tp, ep=ep, sequence_parallel=sequence_parallel, reference_dir=reference_dir)
@@ -407,9 +253,6 @@ def rank_gradients(
     (e.g. full recomputation), gradients of every megatron parameter for the loss
     `sum(logits * _loss_weights)` on `sample_tokens`: result[variant][model_dir][name].
     Routed experts are megatron's loop experts here: our grouped experts hold frozen weights."""
-    from megalora.parallel import groups
-    from megalora.train.model.build import build_model
-
     groups.initialize(tp=1, ep=1)
     out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for variant, overrides in variants.items():
@@ -428,8 +271,6 @@ def rank_gradients(
 def reference_gradients(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """transformers' gradients for the loss of `rank_gradients`, named and laid out as
     on disk (fused in-memory expert tensors split into one tensor per expert)."""
-    import transformers
-
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     logits = model(sample_tokens(model.config.vocab_size)).logits

@@ -1,8 +1,8 @@
 """Run a function on N local CPU processes joined by a gloo process group.
 
-This is the harness of the multi-process tests (and of small CPU runs): every rank is a
-fresh ``spawn``-ed interpreter, so nothing leaks between calls, and every rank's failure
-comes back to the caller with its traceback.
+This is the harness of the multi-process tests: every rank is a fresh ``spawn``-ed
+interpreter, so nothing leaks between calls, and every rank's failure comes back to the
+caller with its traceback.
 """
 
 from __future__ import annotations
