@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 import sys
 
+import torch.distributed as dist
+
 from megalora.commands import parse_command, render_help, wants_help
 from megalora.config import ConfigError
 from megalora.errors import UserError
+from megalora.export.run import ExportVerifyError, export_checkpoint
+from megalora.export.writer import parse_size
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -30,10 +34,6 @@ def cmd_export(argv: list[str]) -> int:
         print(f"megalora export: error: {err}", file=sys.stderr)
         return 2
     cfg, own = parsed.config, parsed.own
-    import torch.distributed as dist
-
-    from megalora.export.run import ExportVerifyError, export_checkpoint
-
     started = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="gloo")  # export only needs barriers and one broadcast
@@ -60,8 +60,6 @@ def cmd_export(argv: list[str]) -> int:
 
 def _check(parsed) -> None:
     """What the tree's types cannot say: flag combinations and the shard size's syntax."""
-    from megalora.export.writer import parse_size
-
     own = parsed.own
     if own.adapter_format is not None and own.mode != "adapter":
         raise ConfigError("--adapter_format applies only with --adapter")

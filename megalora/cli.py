@@ -14,11 +14,18 @@ Each subcommand also runs as `python -m megalora ...` and `torchrun ... -m megal
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import warnings
 
 from megalora.commands import parse_command, render_help, wants_help
+from megalora.config import check_layout, split_secret_flags
 from megalora.errors import UserError
+from megalora.train.launch import launch_env, run_sft
+
+# The modules that do a command's work (the dry run, verify, export, plan) are imported when that
+# command runs, on purpose: they pull in megatron-core, transformers and peft (2-10 s), which the
+# launcher process (`megalora sft` only starts torchrun) and `--help` must not pay for.
 
 USAGE = """\
 usage: megalora <command> [args]
@@ -48,15 +55,11 @@ def apply_env(env: dict) -> list[str]:
 
 def world_size_from_env() -> int:
     """The world size a launch would have (see `megalora.train.launch.launch_env`)."""
-    from megalora.train.launch import launch_env
-
     return launch_env(dict(os.environ)).world_size
 
 
 def how_to_launch(argv: list[str]):
     """For a layout that needs `n` ranks: the command line that launches them."""
-    import shlex
-
     nnodes = os.environ.get("NNODES", "1")
 
     def hint(n: int) -> str:
@@ -71,24 +74,19 @@ def cmd_sft(argv: list[str]) -> int:
     if wants_help(argv):
         print(render_help("sft"))
         return 0
-    from megalora.config import split_secret_flags
-
     # Libraries that record the command line (wandb's run metadata) never see a secret flag.
     sys.argv[1:] = split_secret_flags(sys.argv[1:])[0]
     parsed = parse_command("sft", argv)
     cfg, extras = parsed.config, parsed.extras
     for note in apply_env(extras.env):  # said here: after a relaunch the workers see the applied environment
         print(f"megalora: {note}", flush=True)
-    from megalora.config import check_layout
-    from megalora.dry_run import dry_run as run_dry
+    from megalora.dry_run import dry_run as run_dry  # heavy: see the note at the top
 
     world_size = world_size_from_env()
     # The layout's degrees need no model: a wrong rank count stops here, before any launch.
     check_layout(cfg, world_size=world_size, how_to_launch=how_to_launch(argv))
     if parsed.dry_run:
         return run_dry(cfg, extras, world_size=world_size)
-    from megalora.train.launch import run_sft
-
     return run_sft(cfg, extras, config_path=parsed.config_path, argv=argv)
 
 

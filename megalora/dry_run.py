@@ -13,6 +13,11 @@ from pathlib import Path
 import yaml
 
 from megalora.config import Config, ConfigError, Extras, check_layout
+from megalora.data.dataset import build_datasets
+from megalora.data.sampler import BatchLoader
+from megalora.data.summary import summarize
+from megalora.demo import DEMO, ensure_demo_assets
+from megalora.parallel.groups import layout
 from megalora.train.inputs import (check_inputs, check_model_files, data_cache_dir, describe_extras, load_tokenizer,
                                     read_model_shape, resolve_model_dir)
 
@@ -28,9 +33,6 @@ def format_layout(rows: list[dict]) -> str:
 
 def data_summary(cfg: Config, *, model_dir: Path, log=print):
     """Read, validate and tokenise the data exactly as training would; (summary text, train, val)."""
-    from megalora.data.dataset import build_datasets
-    from megalora.data.summary import summarize
-    from megalora.demo import DEMO, ensure_demo_assets
 
     if DEMO in cfg.data.dataset or DEMO in cfg.data.val_dataset:
         data_file = str(ensure_demo_assets(log=log).data_file)
@@ -49,7 +51,6 @@ def check_splits(cfg: Config, degrees: dict, *, vocab_size: int, splits: dict) -
     """Each split against what launch builds from it: token ids inside the model's vocabulary, and at
     least one optimizer step (train) or one micro-batch (val) on every data-parallel rank. The batch
     loaders are the ones training builds, so the same numbers pass or fail. One line per split."""
-    from megalora.data.sampler import BatchLoader
 
     lines = []
     for name, ds in splits.items():
@@ -75,7 +76,6 @@ def check_splits(cfg: Config, degrees: dict, *, vocab_size: int, splits: dict) -
 def dry_run(cfg: Config, extras: Extras, *, world_size: int, out=None) -> int:
     out = out or sys.stdout  # looked up per call: sys.stdout may be replaced after import
 
-    from megalora.parallel.groups import layout
 
     def log(msg=""):
         print(msg, file=out)

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from megalora.config import Config, ConfigError
+from megalora.demo import ensure_demo_assets
+from megalora.hub import resolve_model
+from megalora.known_models import KNOWN
 
 
 def model_config_for_plan(cfg: Config) -> dict:
-    from megalora.known_models import KNOWN
-
     name = cfg.model.model
     local = Path(name)
     if name != "demo" and local.is_dir():
@@ -19,12 +20,8 @@ def model_config_for_plan(cfg: Config) -> dict:
             raise ConfigError(f"`model`: {local} has no config.json")
         return json.loads(path.read_text())
     if name == "demo":
-        from megalora.demo import ensure_demo_assets
-
         return json.loads((ensure_demo_assets().model_dir / "config.json").read_text())
     try:
-        from megalora.hub import resolve_model
-
         return json.loads((Path(resolve_model(name, use_hf=cfg.model.use_hf, allow_patterns=["config.json"]))
                            / "config.json").read_text())
     except ValueError:
