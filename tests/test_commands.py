@@ -120,12 +120,12 @@ def test_an_internal_value_error_keeps_its_traceback():
 
 
 def test_export_keeps_the_traceback_of_an_internal_error(tmp_path, monkeypatch):
-    import megalora.export.run as run
+    import megalora.export.cli as export_cli
     from megalora.export.cli import cmd_export
 
     def boom(*args, **kwargs):
         raise ValueError("invariant broken")
 
-    monkeypatch.setattr(run, "export_checkpoint", boom)
+    monkeypatch.setattr(export_cli, "export_checkpoint", boom)
     with pytest.raises(ValueError, match="invariant broken"):
         cmd_export([str(tmp_path), "--out", str(tmp_path / "out"), "--verify", "false"])
