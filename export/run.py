@@ -42,12 +42,12 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from megalora.export.push import DEFAULT_COMMIT_MESSAGE
 from megalora.export.merge import LoraKeys, lora_delta_factors, lora_keys_for, merge_rule
 from megalora.export.writer import (
     ShardWriter, TensorInfo, copy_side_files, dtype_name, parse_size, plan_shards, write_index)
+from megalora.parallel.dims import ParallelDims
 from megalora.train.model.mapping import Rule
 # Pass criteria of the verify step per base dtype, shared with `megalora verify`.
 from megalora.train.model.verify import TOLERANCES
@@ -121,17 +121,6 @@ def check_checkpoint(ckpt: Path, meta: dict, *, allow_base_model_change: bool) -
 
     verify_checkpoint(ckpt)
     check_base_model(meta, Path(meta["base_model"]), where=f"export: {ckpt}", allow_change=allow_base_model_change)
-
-
-def lora_scale(lora_cfg: dict) -> float:
-    """alpha/r, or alpha/sqrt(r) with rank-stabilised LoRA, from the checkpoint's `lora` config."""
-    from megalora.train.lora.options import LoraOptions
-
-    try:
-        return LoraOptions(rank=int(lora_cfg["lora_rank"]), alpha=float(lora_cfg["lora_alpha"]),
-                           use_rslora=bool(lora_cfg.get("use_rslora", False))).scaling
-    except KeyError as err:
-        raise ValueError(f"meta.json config.lora: missing key {err}") from None
 
 
 def _catalog(base_dir: Path) -> dict[str, TensorInfo]:
@@ -276,19 +265,19 @@ def _export_merged(ckpt: Path, out: Path, meta: dict, *, max_shard_size: str | i
                    log: Callable[[str], None]) -> None:
     from safetensors import safe_open
 
+    from megalora.train.lora.spec import read_trained_model
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.mapping import rules_for
 
     rank, world = _world()
     max_bytes = parse_size(max_shard_size)
-    base = Path(meta["base_model"])
-    lora_cfg = meta["config"].get("lora") or {}
-    scale = lora_scale(lora_cfg)
-    num_layers = (meta["config"].get("model") or {}).get("num_layers")
+    trained = read_trained_model(meta, where=ckpt / "meta.json")
+    base = trained.base_model
+    scale = trained.lora.options.scaling
     spec = read_hf_config(base)
-    if num_layers is not None and num_layers != spec.num_layers:
-        raise ValueError(f"{ckpt}: trained on the first {num_layers} of {spec.num_layers} layers (model.num_layers); "
-                         "a merged export needs an adapter for the whole model")
+    if trained.num_layers is not None and trained.num_layers != spec.num_layers:
+        raise ValueError(f"{ckpt}: trained on the first {trained.num_layers} of {spec.num_layers} layers "
+                         "(model.num_layers); a merged export needs an adapter for the whole model")
     adapter_path = ckpt / "adapter_model.safetensors"
     with safe_open(str(adapter_path), "pt") as handle:
         lora_names = set(handle.keys())
@@ -338,11 +327,12 @@ def _verify(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None, log: C
 
     rank, world = _world()
     owned = not (dist.is_available() and dist.is_initialized())
-    groups.initialize(tp=1, ep=1)
+    # fp32 on the CPU: the exact path, whatever the machine.
+    dims = groups.initialize(tp=1, ep=1, device="cpu")
     try:
         line_and_ok: list[tuple[str, bool] | None] = [None]
         if rank == 0:
-            line_and_ok[0] = verify_export(ckpt, out, meta, num_layers=num_layers)
+            line_and_ok[0] = verify_export(ckpt, out, meta, num_layers=num_layers, dims=dims)
         if world > 1:
             dist.broadcast_object_list(line_and_ok, src=0)
     finally:
@@ -358,41 +348,18 @@ def _verify(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None, log: C
 
 
 def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None = None,
-                  num_tokens: int = 32) -> tuple[str, bool]:
+                  num_tokens: int = 32, dims: ParallelDims | None = None) -> tuple[str, bool]:
     """The verify summary line and pass/fail: megatron + the checkpoint's LoRA (unmerged) vs
-    transformers on the merged folder, both fp32, on the same seeded tokens. Needs
-    megatron's parallel state (TP=1, EP=1) initialised."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from megalora.config import LoraSection
-    from megalora.train.lora.apply import apply_lora
-    from megalora.train.lora.layout import lora_layout
-    from megalora.train.model.build import build_model
+    transformers on the merged folder, both fp32, on the same seeded tokens. `dims`: a one-rank
+    layout (TP=1, EP=1; default `groups.current()`)."""
+    from megalora.train.lora.build import build_lora_model
     from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits, transformers_logits
 
-    model, info = build_model(meta["base_model"], dtype=torch.float32, num_layers=num_layers)
-    fields = {f.name for f in dataclasses.fields(LoraSection)}
-    section = LoraSection(**{k: v for k, v in (meta["config"].get("lora") or {}).items() if k in fields})
-    apply_lora(model, section, expert_impl="loop", verbose=False)
-    if section.lora_per_projection:
-        # The checkpoint holds one adapter per HF projection inside fused layers (stacked A's).
-        from megalora.train.lora.options import LoraOptions
-        from megalora.train.lora.per_projection import split_fused_adapters
-
-        split_fused_adapters(model, hf_spec=info.spec, lora_options=LoraOptions.from_section(section), seed=0)
-    layout = lora_layout(model)
-    full = load_file(str(ckpt / "adapter_model.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in layout:
-            if name not in full:
-                raise ValueError(f"{ckpt}: adapter_model.safetensors lacks {name} that the model's LoRA has")
-            _copy_lora(params[name], full[name], name=name)
+    model, info = build_lora_model(meta["base_model"], checkpoint=ckpt, dims=dims, dtype=torch.float32,
+                                   num_layers=num_layers, expert_impl="loop")
     tokens = default_tokens(info.vocab_size, num_tokens=num_tokens)
     ours = megatron_logits(model, info, tokens)
-    del model, full, params
+    del model
     reference = transformers_logits(out, tokens, num_layers=num_layers, dtype=torch.float32)
     tol, min_agree = TOLERANCES.get(_base_dtype(out), TOLERANCES[torch.bfloat16])
     result = compare_logits(ours, reference, tolerance=tol)
@@ -400,18 +367,3 @@ def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None =
     line = (f"verify: rel_l2={result.rel_l2:.3e} max_abs={result.max_abs:.3e} "
             f"argmax_agree={result.argmax_agree:.4f} status={'ok' if ok else 'FAIL'}")
     return line, ok
-
-
-def _copy_lora(param: torch.nn.Parameter, value: Tensor, *, name: str) -> None:
-    """Copy a full LoRA tensor into a one-rank parameter; vocab-padded B rows of the output
-    layer may differ in count between layouts (padding rows carry nothing)."""
-    if param.shape == value.shape:
-        param.copy_(value.to(param.dtype))
-        return
-    if name.startswith("output_layer.") and param.shape[1:] == value.shape[1:]:
-        rows = min(param.shape[0], value.shape[0])
-        param.zero_()
-        param[:rows].copy_(value[:rows].to(param.dtype))
-        return
-    raise ValueError(f"adapter_model.safetensors: {name} has shape {tuple(value.shape)}, "
-                     f"the model expects {tuple(param.shape)} (another base model?)")

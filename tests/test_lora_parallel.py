@@ -157,9 +157,9 @@ def layout_worker(rank: int, world_size: int, ref: dict[str, Any], cases: list[t
 
     out: dict[str, Any] = {"wrappers": wrapper_checks(rank) if world_size == 2 else None}
     for name, tp, ep, sp in cases:
-        info = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=SEED)
+        dims = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=SEED)
         model = build_model(tp=tp, ep=ep, sp=sp)
-        where = {"tp_rank": info["tp_rank"], "tp_size": tp, "ep_rank": info["ep_rank"], "ep_size": ep}
+        where = {"tp_rank": dims.tp_rank, "tp_size": tp, "ep_rank": dims.ep_rank, "ep_size": ep}
         model.load_state_dict(shard_state_dict(ref["base"], rules=gpt_rules(), **where), strict=True)
         apply_lora(model, _lora_cfg(), seed=SEED, verbose=False)
         layout = lora_layout(model)
@@ -172,13 +172,13 @@ def layout_worker(rank: int, world_size: int, ref: dict[str, Any], cases: list[t
                     torch.testing.assert_close(params[key], value, rtol=0, atol=0)
                 params[key].copy_(value)
         tokens, labels = make_batch()
-        dp_rank, dp = info["dp_rank"], info["dp"]
+        dp_rank, dp = dims.dp_rank, dims.dp
         loss = _step(model, tokens.chunk(dp)[dp_rank], labels.chunk(dp)[dp_rank])
         reduce_lora_grads(model)
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         out[name] = {"loss": loss.item() / dp, "layout": layout,
                      "grads": {n: p.grad.clone() for n, p in params.items()},
-                     "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]}}
+                     "row": {"tp_rank": dims.tp_rank, "ep_rank": dims.ep_rank}}
     groups.destroy()
     return out
 

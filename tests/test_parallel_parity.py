@@ -158,23 +158,23 @@ def layout_worker(
 
     out = {}
     for name, tp, ep, etp, sp, dispatcher, recompute in cases:
-        info = groups.initialize(tp=tp, ep=ep, etp=etp, sequence_parallel=sp, seed=11)
+        dims = groups.initialize(tp=tp, ep=ep, etp=etp, sequence_parallel=sp, seed=11)
         model = build_model(
             tp=tp, ep=ep, etp=etp, sp=sp, dispatcher=dispatcher, recompute=recompute
         )
         shard = shard_state_dict(
             full_sd,
-            tp_rank=info["tp_rank"],
+            tp_rank=dims.tp_rank,
             tp_size=tp,
-            ep_rank=info["ep_rank"],
+            ep_rank=dims.ep_rank,
             ep_size=ep,
-            etp_rank=info["etp_rank"],
+            etp_rank=dims.etp_rank,
             etp_size=etp,
             rules=gpt_rules(),
         )
         model.load_state_dict(shard, strict=True)
         tokens, labels = make_batch()
-        dp_rank, dp = info["dp_rank"], info["dp"]
+        dp_rank, dp = dims.dp_rank, dims.dp
         loss = step(model, tokens.chunk(dp)[dp_rank], labels.chunk(dp)[dp_rank])
         allreduce_sequence_parallel_grads(model)
         allreduce_data_parallel_grads(model)
@@ -182,7 +182,7 @@ def layout_worker(
         out[f"{name}_recompute{int(recompute)}"] = {
             "loss": loss.item() / dp,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-            "row": {k: info[k] for k in ("tp_rank", "ep_rank", "etp_rank")},
+            "row": {k: dims.coordinates()[k] for k in ("tp_rank", "ep_rank", "etp_rank")},
             "megatron": _megatron_placement(model),
         }
     groups.destroy()

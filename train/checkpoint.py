@@ -25,22 +25,24 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.layout import gather_lora_state, shard_lora_state
 from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
 
 FORMAT_VERSION = 1
 
 
-def _coords() -> dict:
-    from megatron.core import parallel_state as ps
+def _coords(dims: ParallelDims | None) -> dict:
+    from megalora.parallel import groups
 
-    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
-            "tp_size": ps.get_tensor_model_parallel_world_size(), "ep_size": ps.get_expert_model_parallel_world_size()}
+    dims = dims or groups.current()
+    return {"tp_rank": dims.tp_rank, "ep_rank": dims.ep_rank, "tp_size": dims.tp, "ep_size": dims.ep}
 
 
-def _gather_full(local: dict[str, torch.Tensor], layout: dict[str, str]) -> dict[str, torch.Tensor] | None:
+def _gather_full(local: dict[str, torch.Tensor], layout: dict[str, str], *,
+                 dims: ParallelDims | None = None) -> dict[str, torch.Tensor] | None:
     """Full-shape tensors on rank 0 (None elsewhere) from every rank's shards."""
-    coords = _coords()
+    coords = _coords(dims)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return {k: v.detach().cpu().clone() for k, v in local.items()}
     payload = ({k: v.detach().cpu() for k, v in local.items()}, coords)
@@ -61,11 +63,12 @@ def _gather_full(local: dict[str, torch.Tensor], layout: dict[str, str]) -> dict
 
 
 def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[str, str], meta: dict,
-                    save_optim: bool, save_rng: bool) -> Path | None:
-    """Write checkpoint-<step> atomically (rank 0 writes shared files, each rank its RNG)."""
+                    save_optim: bool, save_rng: bool, dims: ParallelDims | None = None) -> Path | None:
+    """Write checkpoint-<step> atomically (rank 0 writes shared files, each rank its RNG); `dims`:
+    the layout `model` is sharded on (default: `groups.current()`)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     named = {n: p for n, p in model.named_parameters() if n in layout}
-    weights = _gather_full({n: p.data for n, p in named.items()}, layout)
+    weights = _gather_full({n: p.data for n, p in named.items()}, layout, dims=dims)
     moments = None
     if save_optim:
         local = {}
@@ -75,7 +78,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
                 local[f"exp_avg.{n}"] = state["exp_avg"]
                 local[f"exp_avg_sq.{n}"] = state["exp_avg_sq"]
         moment_layout = {f"{m}.{n}": layout[n] for n in named for m in ("exp_avg", "exp_avg_sq")}
-        moments = _gather_full(local, moment_layout)
+        moments = _gather_full(local, moment_layout, dims=dims)
     tmp = tmp_checkpoint_dir(run_dir, step)
     last_good = read_latest(run_dir)
 
@@ -139,11 +142,11 @@ def first_error(error: str | None) -> str | None:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], same_layout: bool,
-                    log=print) -> dict:
+                    log=print, dims: ParallelDims | None = None) -> dict:
     """Load this rank's shards of the LoRA weights (and optimizer, RNG) from `path` (verified by
     `run_dir.verify_checkpoint` first); returns meta."""
     meta = json.loads((path / "meta.json").read_text())
-    coords = _coords()
+    coords = _coords(dims)
     shard_kw = dict(tp_rank=coords["tp_rank"], tp_size=coords["tp_size"], ep_rank=coords["ep_rank"],
                     ep_size=coords["ep_size"])
     full = load_file(str(path / "adapter_model.safetensors"))

@@ -43,44 +43,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _apply_adapter(model, info, adapter_dir) -> None:
-    """The PEFT adapter into our LoRA modules (targets, rank and alpha taken from the adapter)."""
-    from megalora.train.lora.peft_format import apply_peft_adapter
-
-    apply_peft_adapter(model, adapter_dir, hf_spec=info.spec)
-
-
 def cmd_verify(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from megalora.config import ConfigError
+    from megalora.config import ConfigError, check_parallel_sizes
 
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {args.adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    if world % tp or world % ep:
-        raise ConfigError(f"world size {world} is not divisible by `tensor_model_parallel_size`={tp} and "
-                          f"`expert_model_parallel_size`={ep}")
+    check_parallel_sizes(tp=tp, ep=ep, world_size=world)
     sequence_parallel = args.sequence_parallel and tp > 1
+    import functools
+
     from megalora.dry_run import resolve_model_dir_from_name
     from megalora.parallel import groups
+    from megalora.train.lora.build import build_lora_model
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import run_verify
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine")
-    groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device == "cuda":
-        # The rank's own GPU, chosen by groups.initialize from LOCAL_RANK.
-        device = f"cuda:{torch.cuda.current_device()}"
+    dims = groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel, device=args.device)
     model_dir = resolve_model_dir_from_name(args.model, use_hf=args.use_hf)
+    # With an adapter, megatron takes its targets, rank and alpha and loads it (the one builder).
+    build = functools.partial(build_lora_model, adapter=args.adapter) if args.adapter else None
     try:
-        result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, tp=tp, ep=ep,
-                            sequence_parallel=sequence_parallel, tolerance=args.tolerance,
-                            dtype=getattr(torch, args.torch_dtype), device=device,
-                            seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed,
-                            apply_adapter=_apply_adapter if args.adapter else None)
+        result = run_verify(model_dir, adapter=args.adapter, num_layers=args.layers, dims=dims,
+                            tolerance=args.tolerance, dtype=getattr(torch, args.torch_dtype),
+                            seq_length=args.seq_length, batch_size=args.batch_size, seed=args.seed, build=build)
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:
