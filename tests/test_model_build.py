@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalora.config import ConfigError, ModelShape, check_layout, check_parallel_sizes, load_config
+from megalora.config import ConfigError, check_layout, check_parallel_sizes, load_config
 from megalora.parallel import groups
 from megalora.parallel.dims import ParallelDims
 from megalora.train.lora import build
