@@ -115,9 +115,15 @@ class _Calls(list):
 @pytest.fixture
 def builds(monkeypatch):
     """Every call of `build_lora_model` (wherever a module bound the name) with its info; with
-    `builds.stop` set, the caller stops right after the build."""
+    `builds.stop` set, the caller stops right after the build. The callers pass their layout on:
+    none falls back on `groups.current()`."""
     real = build.build_lora_model
     calls = _Calls()
+
+    def no_fallback():
+        raise AssertionError("a caller did not pass its ParallelDims on")
+
+    monkeypatch.setattr(groups, "current", no_fallback)
 
     def spy(*args, **kwargs):
         model, info = real(*args, **kwargs)
