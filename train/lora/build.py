@@ -27,10 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from megalora.parallel import groups
 from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.apply import LoraReport, apply_lora
 from megalora.train.lora.layout import lora_layout
+from megalora.train.lora.peft_import import (
+    load_megatron_lora, load_peft_adapter, lora_spec_of_peft_adapter)
+from megalora.train.lora.per_projection import split_fused_adapters
 from megalora.train.lora.spec import LoraSpec, read_trained_model
 from megalora.train.model.build import ModelInfo, build_model
 
@@ -67,40 +72,30 @@ def build_lora_model(
     `dims` is the layout (default: `groups.current()`); `dtype`, `num_layers`, `experts` and
     `config_overrides` go to `build_model`; `expert_impl` and `seed` to `apply_lora` (the
     per-projection split draws from `seed` too); `verbose` prints the LoRA report on rank 0."""
-    from megalora.parallel import groups
-
     if checkpoint is not None and (lora is not None or adapter is not None):
         raise ValueError("build_lora_model: a checkpoint brings its own LoRA; give no `lora` or `adapter` with it")
     if lora is None and checkpoint is None and adapter is None:
         raise ValueError("build_lora_model: give `lora`, `checkpoint` or `adapter`")
     dims = dims or groups.current()
-    trained = None
     if checkpoint is not None:
         meta_path = Path(checkpoint) / "meta.json"
         if not meta_path.is_file():
             raise ValueError(f"{checkpoint}: not a megalora checkpoint folder (no meta.json)")
-        trained = read_trained_model(json.loads(meta_path.read_text()), where=meta_path)
-        lora = trained.lora
+        lora = read_trained_model(json.loads(meta_path.read_text()), where=meta_path).lora
     model, base = build_model(model_dir, dims=dims, dtype=dtype, num_layers=num_layers, experts=experts,
                               **config_overrides)
     steps = ["build"]
     model.to(dims.device)
     if lora is None:
-        from megalora.train.lora.peft_import import lora_spec_of_peft_adapter
-
         assert adapter is not None
         lora = lora_spec_of_peft_adapter(adapter, hf_spec=base.spec)
     report = apply_lora(model, lora, seed=seed, expert_impl=expert_impl, verbose=verbose)
     steps.append("apply_lora")
     num_masked = 0
     if lora.per_projection and checkpoint is None:
-        from megalora.train.lora.per_projection import split_fused_adapters
-
         num_masked = split_fused_adapters(model, hf_spec=base.spec, lora_options=lora.options, seed=seed, dims=dims)
         steps.append("split_fused_adapters")
     if adapter is not None:
-        from megalora.train.lora.peft_import import load_peft_adapter
-
         # Fused layers may get wider LoRA tensors (one block per HF projection): parameters are
         # replaced, so optimizers are built after this.
         load_peft_adapter(model, adapter, hf_spec=base.spec, dims=dims)
@@ -117,10 +112,6 @@ def _load_checkpoint_lora(model: torch.nn.Module, ckpt: Path, *, dims: ParallelD
     """The checkpoint's full-shape LoRA tensors into `model` (its first layers when the model has
     fewer); every LoRA tensor of the model must be there. Fused layers take the checkpoint's rank
     (k*r with `per_projection`)."""
-    from safetensors.torch import load_file
-
-    from megalora.train.lora.peft_import import load_megatron_lora
-
     layout = lora_layout(model)
     full = load_file(str(ckpt / "adapter_model.safetensors"))
     missing = sorted(set(layout) - set(full))

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from megalora.train.model.hf_config import HFModelSpec, padded_vocab_size, read_hf_config, to_transformer_config
 from megalora.parallel.dims import ParallelDims
+from megalora.train.model.hf_config import HFModelSpec, padded_vocab_size, read_hf_config, to_transformer_config
 from megalora.train.model.loader import LoadReport, load_hf_weights
 from megalora.train.model.spec import block_spec
 
@@ -33,10 +33,6 @@ class ModelInfo:
     vocab_size: int
     padded_vocab_size: int
     load: LoadReport | None
-
-    @property
-    def sequence_parallel(self) -> bool:
-        return self.dims.sequence_parallel
 
 
 def _mask_padded_vocab(model: torch.nn.Module, *, vocab_size: int, padded: int, dims: ParallelDims) -> None:
