@@ -42,16 +42,24 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from safetensors import safe_open
 
 from megalora.config import ConfigError
-from megalora.export.push import DEFAULT_COMMIT_MESSAGE
 from megalora.export.merge import LoraKeys, lora_delta_factors, lora_keys_for, merge_rule
+from megalora.export.push import DEFAULT_COMMIT_MESSAGE, push_folder
 from megalora.export.writer import (
-    ShardWriter, TensorInfo, copy_side_files, dtype_name, parse_size, plan_shards, write_index)
-from megalora.train.model.mapping import Rule
+    ShardWriter, TensorInfo, copy_side_files, dtype_from_name, dtype_name, parse_size, plan_shards, write_index)
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
+from megalora.train.lora.adapter_formats import FORMATS, write_adapter
+from megalora.train.lora.build import build_lora_model
+from megalora.train.lora.spec import read_trained_model
+from megalora.train.model.hf_config import read_hf_config
+from megalora.train.model.loader import CheckpointReader
+from megalora.train.model.mapping import Rule, rules_for
 # Pass criteria of the verify step per base dtype, shared with `megalora verify`.
-from megalora.train.model.verify import TOLERANCES
+from megalora.train.model.verify import TOLERANCES, compare_logits, default_tokens, megatron_logits, transformers_logits
+from megalora.train.run_dir import check_base_model, verify_checkpoint
 
 MODES = ("merge", "adapter")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -118,28 +126,13 @@ def read_meta(checkpoint_dir: str | Path) -> dict:
 
 def check_checkpoint(ckpt: Path, meta: dict, *, allow_base_model_change: bool) -> None:
     """The checkpoint's files match their recorded checksums and its base model is unchanged."""
-    from megalora.train.run_dir import check_base_model, verify_checkpoint
-
     verify_checkpoint(ckpt)
     check_base_model(meta, Path(meta["base_model"]), where=f"export: {ckpt}", allow_change=allow_base_model_change)
-
-
-def lora_scale(lora_cfg: dict) -> float:
-    """alpha/r, or alpha/sqrt(r) with rank-stabilised LoRA, from the checkpoint's `lora` config."""
-    from megalora.train.lora.options import LoraOptions
-
-    try:
-        return LoraOptions(rank=int(lora_cfg["lora_rank"]), alpha=float(lora_cfg["lora_alpha"]),
-                           use_rslora=bool(lora_cfg.get("use_rslora", False))).scaling
-    except KeyError as err:
-        raise ConfigError(f"meta.json config.lora: missing key {err}") from None
 
 
 def _catalog(base_dir: Path) -> dict[str, TensorInfo]:
     """Name, dtype and shape of every tensor the export writes (headers only): block-FP8
     weights are written dequantized in `DEQUANTIZED_DTYPE`, their scales not at all."""
-    from megalora.train.model.loader import CheckpointReader
-
     with CheckpointReader(base_dir) as reader:
         return {name: TensorInfo(name, dtype_name(DEQUANTIZED_DTYPE) if reader.is_quantized(name)
                                  else reader.dtype(name), tuple(reader.shape(name)))
@@ -183,10 +176,6 @@ def plan_units(rules: list[Rule], catalog: dict[str, TensorInfo], lora_names: se
 
 
 def _merge_unit(unit: Unit, *, base_dir: Path, adapter_path: Path, scale: float, writer: ShardWriter) -> None:
-    from safetensors import safe_open
-
-    from megalora.train.model.loader import CheckpointReader
-
     # Files are opened per unit: closing them drops the mapped pages read so far.
     with CheckpointReader(base_dir) as reader, safe_open(str(adapter_path), "pt") as adapter:
         for item in unit.items:
@@ -237,8 +226,6 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
     address). Call it on every rank of a torch.distributed world, or in one process."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    from megalora.train.lora.adapter_formats import FORMATS
-
     if adapter_format not in FORMATS:
         raise ValueError(f"--adapter_format: expected one of {FORMATS}, got {adapter_format!r}")
     ckpt, out = Path(checkpoint_dir), Path(out_dir)
@@ -259,8 +246,6 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
             _verify(ckpt, out, meta, num_layers=verify_num_layers, log=log)
     _barrier()
     if push_to_hub and rank == 0:
-        from megalora.export.push import push_folder
-
         push_folder(out, push_to_hub, hub=hub, token=token, private=private, commit_message=commit_message,
                     endpoint=hub_endpoint, timeout_s=hub_timeout, log=log)
     _barrier()
@@ -268,28 +253,20 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, *, mode: 
 
 
 def _write_adapter(ckpt: Path, out: Path, *, adapter_format: str, log: Callable[[str], None]) -> None:
-    from megalora.train.lora.adapter_formats import write_adapter
-
     write_adapter(ckpt, out, adapter_format=adapter_format, log=log)
 
 
 def _export_merged(ckpt: Path, out: Path, meta: dict, *, max_shard_size: str | int,
                    log: Callable[[str], None]) -> None:
-    from safetensors import safe_open
-
-    from megalora.train.model.hf_config import read_hf_config
-    from megalora.train.model.mapping import rules_for
-
     rank, world = _world()
     max_bytes = parse_size(max_shard_size)
-    base = Path(meta["base_model"])
-    lora_cfg = meta["config"].get("lora") or {}
-    scale = lora_scale(lora_cfg)
-    num_layers = (meta["config"].get("model") or {}).get("num_layers")
+    trained = read_trained_model(meta, where=ckpt / "meta.json")
+    base = trained.base_model
+    scale = trained.lora.options.scaling
     spec = read_hf_config(base)
-    if num_layers is not None and num_layers != spec.num_layers:
-        raise ConfigError(f"{ckpt}: trained on the first {num_layers} of {spec.num_layers} layers (model.num_layers); "
-                          "a merged export needs an adapter for the whole model")
+    if trained.num_layers is not None and trained.num_layers != spec.num_layers:
+        raise ConfigError(f"{ckpt}: trained on the first {trained.num_layers} of {spec.num_layers} layers "
+                          "(model.num_layers); a merged export needs an adapter for the whole model")
     adapter_path = ckpt / "adapter_model.safetensors"
     with safe_open(str(adapter_path), "pt") as handle:
         lora_names = set(handle.keys())
@@ -328,22 +305,19 @@ def _drop_quantization_config(path: Path) -> None:
 
 def _base_dtype(out: Path) -> torch.dtype:
     """The floating dtype of the exported weights (that of the largest tensor)."""
-    from megalora.export.writer import dtype_from_name
-
     infos = _catalog(out).values()
     return dtype_from_name(max(infos, key=lambda t: t.nbytes).dtype)
 
 
 def _verify(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None, log: Callable[[str], None]) -> None:
-    from megalora.parallel import groups
-
     rank, world = _world()
     owned = not (dist.is_available() and dist.is_initialized())
-    groups.initialize(tp=1, ep=1)
+    # fp32 on the CPU: the exact path, whatever the machine.
+    dims = groups.initialize(tp=1, ep=1, device="cpu")
     try:
         line_and_ok: list[tuple[str, bool] | None] = [None]
         if rank == 0:
-            line_and_ok[0] = verify_export(ckpt, out, meta, num_layers=num_layers)
+            line_and_ok[0] = verify_export(ckpt, out, meta, num_layers=num_layers, dims=dims)
         if world > 1:
             dist.broadcast_object_list(line_and_ok, src=0)
     finally:
@@ -359,41 +333,15 @@ def _verify(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None, log: C
 
 
 def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None = None,
-                  num_tokens: int = 32) -> tuple[str, bool]:
+                  num_tokens: int = 32, dims: ParallelDims | None = None) -> tuple[str, bool]:
     """The verify summary line and pass/fail: megatron + the checkpoint's LoRA (unmerged) vs
-    transformers on the merged folder, both fp32, on the same seeded tokens. Needs
-    megatron's parallel state (TP=1, EP=1) initialised."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from megalora.config import LoraSection
-    from megalora.train.lora.apply import apply_lora
-    from megalora.train.lora.layout import lora_layout
-    from megalora.train.model.build import build_model
-    from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits, transformers_logits
-
-    model, info = build_model(meta["base_model"], dtype=torch.float32, num_layers=num_layers)
-    fields = {f.name for f in dataclasses.fields(LoraSection)}
-    section = LoraSection(**{k: v for k, v in (meta["config"].get("lora") or {}).items() if k in fields})
-    apply_lora(model, section, expert_impl="loop", verbose=False)
-    if section.lora_per_projection:
-        # The checkpoint holds one adapter per HF projection inside fused layers (stacked A's).
-        from megalora.train.lora.options import LoraOptions
-        from megalora.train.lora.per_projection import split_fused_adapters
-
-        split_fused_adapters(model, hf_spec=info.spec, lora_options=LoraOptions.from_section(section), seed=0)
-    layout = lora_layout(model)
-    full = load_file(str(ckpt / "adapter_model.safetensors"))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name in layout:
-            if name not in full:
-                raise ConfigError(f"{ckpt}: adapter_model.safetensors lacks {name} that the model's LoRA has")
-            _copy_lora(params[name], full[name], name=name)
+    transformers on the merged folder, both fp32, on the same seeded tokens. `dims`: a one-rank
+    layout (TP=1, EP=1; default `groups.current()`)."""
+    model, info = build_lora_model(meta["base_model"], checkpoint=ckpt, dims=dims, dtype=torch.float32,
+                                   num_layers=num_layers, expert_impl="loop")
     tokens = default_tokens(info.vocab_size, num_tokens=num_tokens)
     ours = megatron_logits(model, info, tokens)
-    del model, full, params
+    del model
     reference = transformers_logits(out, tokens, num_layers=num_layers, dtype=torch.float32)
     tol, min_agree = TOLERANCES.get(_base_dtype(out), TOLERANCES[torch.bfloat16])
     result = compare_logits(ours, reference, tolerance=tol)
@@ -401,18 +349,3 @@ def verify_export(ckpt: Path, out: Path, meta: dict, *, num_layers: int | None =
     line = (f"verify: rel_l2={result.rel_l2:.3e} max_abs={result.max_abs:.3e} "
             f"argmax_agree={result.argmax_agree:.4f} status={'ok' if ok else 'FAIL'}")
     return line, ok
-
-
-def _copy_lora(param: torch.nn.Parameter, value: Tensor, *, name: str) -> None:
-    """Copy a full LoRA tensor into a one-rank parameter; vocab-padded B rows of the output
-    layer may differ in count between layouts (padding rows carry nothing)."""
-    if param.shape == value.shape:
-        param.copy_(value.to(param.dtype))
-        return
-    if name.startswith("output_layer.") and param.shape[1:] == value.shape[1:]:
-        rows = min(param.shape[0], value.shape[0])
-        param.zero_()
-        param[:rows].copy_(value[:rows].to(param.dtype))
-        return
-    raise ConfigError(f"adapter_model.safetensors: {name} has shape {tuple(value.shape)}, "
-                      f"the model expects {tuple(param.shape)} (another base model?)")

@@ -613,10 +613,9 @@ def check_choices(cfg: Config) -> None:
 def check_static(cfg: Config) -> None:
     """Checks that need no world size or model: positive sizes and unsupported modes."""
     p, t, lora, d = cfg.parallel, cfg.train, cfg.lora, cfg.data
-    for key in ("tensor_model_parallel_size", "expert_model_parallel_size", "pipeline_model_parallel_size",
-                "context_parallel_size", "expert_tensor_parallel_size"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"`{key}` must be >= 1; got {getattr(p, key)}")
+    check_parallel_sizes(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
+                         etp=p.expert_tensor_parallel_size, pp=p.pipeline_model_parallel_size,
+                         cp=p.context_parallel_size)
     if lora.tuner_type not in (None, "lora"):
         raise ConfigError(f"`tuner_type`={lora.tuner_type} is refused: megalora trains LoRA only (base weights frozen); "
                           "use --tuner_type lora")
@@ -662,7 +661,54 @@ class ModelShape:
     num_query_groups: int = 1
     num_linear_key_heads: int = 0
     num_linear_value_heads: int = 0
+    ffn_hidden_size: int = 0
+    moe_ffn_hidden_size: int = 0
+    shared_expert_ffn_hidden_size: int = 0
     source: str = "model"
+
+    def tp_split(self) -> list[tuple[str, str, int]]:
+        """(what, config.json key, count) of every size that tensor parallelism splits."""
+        return [("attention heads", "num_attention_heads", self.num_attention_heads),
+                ("query groups (key/value heads)", "num_key_value_heads", self.num_query_groups),
+                ("linear-attention key heads", "linear_num_key_heads", self.num_linear_key_heads),
+                ("linear-attention value heads", "linear_num_value_heads", self.num_linear_value_heads),
+                ("MLP rows", "intermediate_size", self.ffn_hidden_size),
+                ("expert MLP rows", "moe_intermediate_size", self.moe_ffn_hidden_size),
+                ("shared-expert MLP rows", "shared_expert_intermediate_size", self.shared_expert_ffn_hidden_size)]
+
+
+def check_parallel_sizes(*, tp: int = 1, ep: int = 1, etp: int = 1, pp: int = 1, cp: int = 1,
+                         world_size: int | None = None, sequence_parallel: bool = False,
+                         model: ModelShape | None = None) -> None:
+    """The one check of the parallel sizes: each >= 1, their products dividing `world_size`
+    (when known), and the model's heads / experts / MLP rows split evenly (when `model` is
+    given). Raises `ConfigError` naming the key at fault."""
+    sizes = (("tensor_model_parallel_size", tp), ("expert_model_parallel_size", ep),
+             ("expert_tensor_parallel_size", etp), ("pipeline_model_parallel_size", pp),
+             ("context_parallel_size", cp))
+    for key, size in sizes:
+        if size < 1:
+            raise ConfigError(f"`{key}` must be >= 1; got {size}")
+    if sequence_parallel and tp == 1:
+        raise ConfigError("`sequence_parallel`=true needs `tensor_model_parallel_size` > 1")
+    if world_size is not None:
+        if world_size % (tp * pp * cp):
+            raise ConfigError(f"world size {world_size} is not divisible by `tensor_model_parallel_size`={tp}"
+                              + (f" x pipeline {pp} x context {cp}" if pp * cp > 1 else ""))
+        if world_size % (ep * etp):
+            raise ConfigError(f"world size {world_size} is not divisible by `expert_model_parallel_size`={ep}"
+                              + (f" x `expert_tensor_parallel_size`={etp}" if etp > 1 else ""))
+    if model is None:
+        return
+    if model.num_experts and model.num_experts % ep:
+        raise ConfigError(f"`expert_model_parallel_size`={ep} does not divide the {model.num_experts} experts of "
+                          f"{model.source} (num_experts)")
+    if not model.num_experts and ep > 1:
+        raise ConfigError(f"`expert_model_parallel_size`={ep} but {model.source} has no experts")
+    for what, key, count in model.tp_split():
+        if count and count % tp:
+            raise ConfigError(f"`tensor_model_parallel_size`={tp} does not divide the {count} {what} of "
+                              f"{model.source} ({key})")
 
 
 def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = None, how_to_launch=None) -> dict:
@@ -672,25 +718,15 @@ def check_layout(cfg: Config, *, world_size: int, shape: ModelShape | None = Non
     when the world size does not fit the layout."""
     p, t = cfg.parallel, cfg.train
     tp, ep = p.tensor_model_parallel_size, p.expert_model_parallel_size
-    for key, degree in (("tensor_model_parallel_size", tp), ("expert_model_parallel_size", ep)):
-        if world_size % degree:
-            msg = f"world size {world_size} is not divisible by `{key}`={degree}"
-            if how_to_launch is not None:
-                need = math.lcm(tp, ep)
-                need *= -(-world_size // need)
-                msg += f"; launch {need} ranks: {how_to_launch(need)}"
-            raise ConfigError(msg)
-    if shape is not None:
-        if shape.num_experts and shape.num_experts % ep:
-            raise ConfigError(f"`expert_model_parallel_size`={ep} does not divide the {shape.num_experts} experts of "
-                              f"{shape.source}")
-        if not shape.num_experts and ep > 1:
-            raise ConfigError(f"`expert_model_parallel_size`={ep} but {shape.source} has no experts")
-        for what, n in (("attention heads", shape.num_attention_heads), ("query groups (key/value heads)", shape.num_query_groups),
-                        ("linear-attention key heads", shape.num_linear_key_heads),
-                        ("linear-attention value heads", shape.num_linear_value_heads)):
-            if n and n % tp:
-                raise ConfigError(f"`tensor_model_parallel_size`={tp} does not divide the {n} {what} of {shape.source}")
+    try:
+        check_parallel_sizes(tp=tp, ep=ep, world_size=world_size)
+    except ConfigError as err:
+        if how_to_launch is None:
+            raise
+        need = math.lcm(tp, ep)
+        need *= -(-world_size // need)
+        raise ConfigError(f"{err}; launch {need} ranks: {how_to_launch(need)}") from None
+    check_parallel_sizes(tp=tp, ep=ep, world_size=world_size, model=shape)
     dp = world_size // tp
     expert_dp = world_size // ep
     per_step = t.micro_batch_size * dp

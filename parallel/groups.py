@@ -1,15 +1,11 @@
 """Process groups: tensor (TP, with optional sequence parallel), expert (EP) and data (DP).
 
-``initialize`` brings up torch.distributed (if needed) and megatron-core's parallel state;
-``layout`` states, as a pure function, which rank lands where. Both use megatron's rank
-order ``tp-cp-ep-dp-pp`` with context and pipeline parallel fixed at 1; the expert grid
-has its own tensor-parallel degree ``etp`` (1 by default):
-
-    dense grid   rank = tp_rank + tp * dp_rank
-    expert grid  rank = etp_rank + etp * (ep_rank + ep * expert_dp_rank)
-
-so TP groups are runs of ``tp`` consecutive ranks and, with ``etp=1``, EP groups runs of
-``ep`` ranks.
+``initialize`` brings up torch.distributed (if needed) and megatron-core's parallel state and
+returns this rank's `ParallelDims` (sizes, coordinates, groups, device; see
+`megalora.parallel.dims` for the rank order); ``layout`` states, as a pure function, which
+rank lands where. Context and pipeline parallel are fixed at 1; the expert grid has its own
+tensor-parallel degree ``etp`` (1 by default), so TP groups are runs of ``tp`` consecutive
+ranks and, with ``etp=1``, EP groups runs of ``ep`` ranks.
 """
 
 from __future__ import annotations
@@ -20,28 +16,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 
+from megalora.config import ModelShape, check_parallel_sizes
 from megalora.parallel import cpu_runtime
+from megalora.parallel.dims import ParallelDims, ProcessGroups
 
 _BACKENDS = ("auto", "gloo", "nccl")
-
-
-def _check_degrees(world_size: int, *, tp: int, ep: int, etp: int = 1) -> None:
-    if tp < 1 or ep < 1 or etp < 1:
-        raise ValueError(
-            f"tensor_model_parallel_size={tp}, expert_model_parallel_size={ep} and "
-            f"expert_tensor_parallel_size={etp} must be >= 1"
-        )
-    if world_size % tp:
-        raise ValueError(
-            f"tensor_model_parallel_size={tp} does not divide the world size {world_size}"
-        )
-    if world_size % (ep * etp):
-        raise ValueError(
-            f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} does not "
-            f"divide the world size {world_size}"
-        )
+_DEVICES = ("auto", "cpu", "cuda")
+# The ParallelDims `initialize` made, for callers that were not handed one (tests, quick checks).
+_current: ParallelDims | None = None
 
 
 def layout(
@@ -53,29 +38,29 @@ def layout(
     ``expert_dp_rank`` and ``experts`` (global expert ids, in local order: local expert
     ``i`` is ``experts[i]``). ``num_experts=0`` describes a dense model.
     """
-    _check_degrees(world_size, tp=tp, ep=ep, etp=etp)
-    if num_experts and num_experts % ep:
-        raise ValueError(
-            f"num_experts={num_experts} is not divisible by expert_model_parallel_size={ep}"
-        )
-    if not num_experts and ep > 1:
-        raise ValueError(f"expert_model_parallel_size={ep} needs a model with experts")
+    check_parallel_sizes(tp=tp, ep=ep, etp=etp, world_size=world_size,
+                         model=ModelShape(num_experts=num_experts, num_attention_heads=0, num_query_groups=0,
+                                          source="the model"))
     num_local = num_experts // ep
     rows = []
     for rank in range(world_size):
-        ep_rank = (rank // etp) % ep
-        rows.append(
-            {
-                "rank": rank,
-                "tp_rank": rank % tp,
-                "dp_rank": rank // tp,
-                "ep_rank": ep_rank,
-                "etp_rank": rank % etp,
-                "expert_dp_rank": rank // (etp * ep),
-                "experts": list(range(ep_rank * num_local, (ep_rank + 1) * num_local)),
-            }
-        )
+        row = ParallelDims(tp=tp, ep=ep, etp=etp, world_size=world_size, rank=rank).coordinates()
+        first = row["ep_rank"] * num_local
+        rows.append({**row, "experts": list(range(first, first + num_local))})
     return rows
+
+
+def _device(device: str) -> torch.device:
+    if device.partition(":")[0] not in _DEVICES:
+        raise ValueError(f"device={device!r}: expected one of {', '.join(_DEVICES)}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={device}: CUDA is not available on this machine")
+    if ":" in device:
+        return torch.device(device)
+    # The rank's own GPU, chosen from LOCAL_RANK when the default group started.
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def initialize(
@@ -87,28 +72,28 @@ def initialize(
     seed: int = 1234,
     etp: int = 1,
     timeout_minutes: float = 30.0,
-) -> dict[str, Any]:
-    """Initialise torch.distributed (if not yet) and megatron's model-parallel groups.
+    device: str = "auto",
+) -> ParallelDims:
+    """Initialise torch.distributed (if not yet) and megatron's model-parallel groups; return
+    this rank's `ParallelDims`, the one description of the layout the rest of the code reads.
 
     torch.distributed is started from ``RANK``/``WORLD_SIZE`` (and ``MASTER_ADDR``/``PORT``)
     when set, else as a one-process world, with the backend of ``default_group_backend``.
     Pipeline and context parallel are 1; expert tensor parallel is ``etp``.
     Megatron's RNG tracker is seeded with ``seed`` (dropout and init draw from it).
-
-    Returns this rank's row of ``layout`` (without ``experts``), plus ``world_size``,
-    ``tp``, ``ep``, ``etp``, ``dp`` and ``sequence_parallel``.
+    ``device``: ``auto`` (this rank's GPU when CUDA is available, else the CPU), ``cpu`` or ``cuda``.
     """
-    if sequence_parallel and tp == 1:
-        raise ValueError("sequence_parallel=true needs tensor_model_parallel_size > 1")
+    global _current
+    check_parallel_sizes(tp=tp, ep=ep, etp=etp, sequence_parallel=sequence_parallel)
     cpu_runtime.install()
     if not dist.is_initialized():
         _init_default_group(backend, timeout_minutes=timeout_minutes)
     world_size = dist.get_world_size()
-    _check_degrees(world_size, tp=tp, ep=ep, etp=etp)
+    check_parallel_sizes(tp=tp, ep=ep, etp=etp, world_size=world_size)
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=ep,
@@ -117,21 +102,28 @@ def initialize(
         distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    rank = dist.get_rank()
-    return {
-        "rank": rank,
-        "world_size": world_size,
-        "tp": tp,
-        "ep": ep,
-        "etp": etp,
-        "dp": world_size // tp,
-        "sequence_parallel": sequence_parallel,
-        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
-        "dp_rank": parallel_state.get_data_parallel_rank(),
-        "ep_rank": parallel_state.get_expert_model_parallel_rank(),
-        "etp_rank": parallel_state.get_expert_tensor_parallel_rank(),
-        "expert_dp_rank": parallel_state.get_expert_data_parallel_rank(),
-    }
+    groups = ProcessGroups(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
+                           ep=ps.get_expert_model_parallel_group(), etp=ps.get_expert_tensor_parallel_group(),
+                           expert_dp=ps.get_expert_data_parallel_group())
+    dims = ParallelDims(tp=tp, ep=ep, etp=etp, world_size=world_size, rank=dist.get_rank(),
+                        sequence_parallel=sequence_parallel, device=_device(device), groups=groups)
+    # Our rank formula and megatron's groups must agree, or every shard we read is wrong.
+    assert dims.coordinates() == {
+        "rank": dist.get_rank(), "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
+        "etp_rank": ps.get_expert_tensor_parallel_rank(), "expert_dp_rank": ps.get_expert_data_parallel_rank(),
+    }, "megatron's rank order differs from ParallelDims'"
+    _current = dims
+    return dims
+
+
+def current() -> ParallelDims:
+    """The `ParallelDims` of the last `initialize` (a one-process world is initialised when
+    there is none). For callers that were not handed one; the training, verify and export
+    paths pass theirs explicitly."""
+    if _current is None or not ps.model_parallel_is_initialized():
+        return initialize()
+    return _current
 
 
 def default_group_backend(backend: str, *, cuda: bool) -> str:
@@ -171,7 +163,9 @@ def _init_default_group(backend: str, *, timeout_minutes: float = 30.0) -> None:
 
 def destroy() -> None:
     """Tear down megatron's groups and the default process group (each if present)."""
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    global _current
+    _current = None
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

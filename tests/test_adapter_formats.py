@@ -147,11 +147,11 @@ def test_format_keys_shapes_and_round_trip(case, fmt, tmp_path) -> None:
     result = compare_logits(reimported_logits(case["hf_dir"], out), logits, tolerance=TOL)
     assert result.rel_l2 <= TOL and result.argmax_agree == 1.0, result.summary_line()
     # `megalora verify --adapter`: megatron with the import vs peft on transformers
-    from test_peft_format import _apply_adapter
+    from test_peft_format import with_adapter
 
     from megalora.train.model.verify import run_verify
 
-    verified = run_verify(case["hf_dir"], adapter=out, seq_length=16, tolerance=TOL, apply_adapter=_apply_adapter,
+    verified = run_verify(case["hf_dir"], adapter=out, seq_length=16, tolerance=TOL, build=with_adapter(out),
                           prepare_adapter=peft_readable)
     assert verified.ok, verified.summary_line()
     checks = {line.split(":")[1].strip(): line for line in lines if re.match(r"export: (vllm|sglang):", line)}

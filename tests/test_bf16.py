@@ -83,8 +83,8 @@ def _train_step_dtypes(rank: int, world_size: int, model_dir: str) -> dict:
     from megalora.train.model.build import build_model
     from megalora.train.step import train_step
 
-    groups.initialize()
-    model, info = build_model(model_dir, dtype=torch.bfloat16)
+    dims = groups.initialize(device="cpu")
+    model, info = build_model(model_dir, dims=dims, dtype=torch.bfloat16)
     apply_lora(model, LoraSection(), verbose=False)
     layout = lora_layout(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -93,8 +93,8 @@ def _train_step_dtypes(rank: int, world_size: int, model_dir: str) -> dict:
     # Labels aligned with the inputs (train_step shifts them): 15 trained tokens per row.
     batch = {"input_ids": tokens, "position_ids": torch.arange(16).expand(2, -1), "labels": tokens.clone(),
              "num_trained_tokens": 30}
-    result = train_step(model, [batch], device=torch.device("cpu"), packed=False, dp_size=1, layout=layout,
-                        params=params, clip_grad=1.0, reduce_grads=reduce_lora_grads)
+    result = train_step(model, [batch], dims=dims, packed=False, layout=layout, params=params, clip_grad=1.0,
+                        reduce_grads=reduce_lora_grads)
     optimizer.step()
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
     state = {t.dtype for s in optimizer.state.values() for t in s.values() if t.is_floating_point() and t.dim()}

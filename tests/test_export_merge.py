@@ -78,13 +78,13 @@ def _lora_model(base: str, *, tp: int, ep: int, sp: bool) -> tuple[Any, Any, dic
     from megalora.train.lora.layout import lora_layout, shard_lora_state
     from megalora.train.model.build import build_model
 
-    model, info = build_model(base, sequence_parallel=sp)
+    model, info = build_model(base)
     apply_lora(model, _lora_section(), seed=0, verbose=False)
     layout = lora_layout(model)
     params = dict(model.named_parameters())
     full = _full_lora(layout, params, tp=tp, ep=ep, vocab_size=info.vocab_size)
-    local = shard_lora_state(full, layout, tp_rank=info.where.tp_rank, tp_size=tp,
-                             ep_rank=info.where.ep_rank, ep_size=ep)
+    local = shard_lora_state(full, layout, tp_rank=info.dims.tp_rank, tp_size=tp,
+                             ep_rank=info.dims.ep_rank, ep_size=ep)
     with torch.no_grad():
         for name, value in local.items():
             params[name].copy_(value)

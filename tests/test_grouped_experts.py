@@ -54,7 +54,7 @@ def _rank_compare(rank, world_size, model_dir):
             for packed in (False, True):
                 runs = {}
                 for experts in ("grouped", "sequential"):
-                    model, info = build_model(model_dir, dtype=torch.float64, sequence_parallel=sp, experts=experts,
+                    model, info = build_model(model_dir, dtype=torch.float64, experts=experts,
                                               **(RECOMPUTE if recompute else {}))
                     num_grouped = sum(isinstance(m, GroupedExperts) for m in model.modules())
                     assert num_grouped == (info.spec.num_layers if experts == "grouped" else 0), num_grouped

@@ -43,12 +43,12 @@ def _lora_cfg() -> Any:
     return LoraSection(lora_rank=4, lora_alpha=8.0, target_modules=TARGETS, lora_dtype="float64")
 
 
-def _build(model_dir: str, *, dispatcher: str = "alltoall", recompute: bool = False, sp: bool = False) -> Any:
+def _build(model_dir: str, *, dispatcher: str = "alltoall", recompute: bool = False) -> Any:
     from megalora.train.model.build import build_model
 
     extra = ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
              if recompute else {})
-    model, _ = build_model(model_dir, dtype=torch.float64, sequence_parallel=sp, moe_token_dispatcher_type=dispatcher,
+    model, _ = build_model(model_dir, dtype=torch.float64, moe_token_dispatcher_type=dispatcher,
                            moe_aux_loss_coeff=0.0, **extra)
     return model
 
@@ -197,9 +197,9 @@ def layout_worker(rank: int, world_size: int, model_dir: str, ref: dict[str, Any
 
     out: dict[str, Any] = {"wrappers": wrapper_checks(rank) if world_size == 2 else None}
     for name, tp, ep, sp, dispatcher, recompute in cases:
-        info = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=SEED)
-        model = _build(model_dir, dispatcher=dispatcher, recompute=recompute, sp=sp)
-        where = {"tp_rank": info["tp_rank"], "tp_size": tp, "ep_rank": info["ep_rank"], "ep_size": ep}
+        dims = groups.initialize(tp=tp, ep=ep, sequence_parallel=sp, seed=SEED)
+        model = _build(model_dir, dispatcher=dispatcher, recompute=recompute)
+        where = {"tp_rank": dims.tp_rank, "tp_size": tp, "ep_rank": dims.ep_rank, "ep_size": ep}
         apply_lora(model, _lora_cfg(), seed=SEED, verbose=False)
         layout = lora_layout(model)
         shard = shard_lora_state(ref["lora"], layout, **where)
@@ -211,13 +211,13 @@ def layout_worker(rank: int, world_size: int, model_dir: str, ref: dict[str, Any
                     torch.testing.assert_close(params[key], value, rtol=0, atol=0)
                 params[key].copy_(value)
         tokens, labels = make_batch()
-        dp_rank, dp = info["dp_rank"], info["dp"]
+        dp_rank, dp = dims.dp_rank, dims.dp
         loss = _step(model, tokens.chunk(dp)[dp_rank], labels.chunk(dp)[dp_rank])
         reduce_lora_grads(model)
         dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
         out[name] = {"loss": loss.item() / dp, "layout": layout,
                      "grads": {n: p.grad.clone() for n, p in params.items()},
-                     "row": {"tp_rank": info["tp_rank"], "ep_rank": info["ep_rank"]},
+                     "row": {"tp_rank": dims.tp_rank, "ep_rank": dims.ep_rank},
                      "megatron": _megatron_placement(list(model.decoder.layers[0].mlp.local_expert_indices))}
     for _, tp, ep, etp in groups_only:
         groups.initialize(tp=tp, ep=ep, etp=etp, seed=SEED)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megalora.config import ConfigError
 from megalora.train.model import layouts
 from megalora.train.model.hf_config import padded_vocab_size, parse_hf_config, read_hf_config, to_transformer_config
 from megalora.train.model.mapping import hf_to_megatron, megatron_to_hf, vocab_rows
@@ -167,9 +168,11 @@ def test_transformer_config_mapping(norm_topk_prob):
 
 def test_layout_that_does_not_divide_names_the_key():
     spec = parse_hf_config(_raw("qwen3_next_b"))
-    with pytest.raises(ValueError, match="num_experts=6 is not divisible by expert_model_parallel_size=4"):
+    with pytest.raises(ConfigError, match=r"`expert_model_parallel_size`=4 does not divide the 6 experts of "
+                                          r"qwen3_next \(num_experts\)"):
         to_transformer_config(spec, ep=4)
-    with pytest.raises(ValueError, match="num_attention_heads=6 is not divisible by tensor_model_parallel_size=4"):
+    with pytest.raises(ConfigError, match=r"`tensor_model_parallel_size`=4 does not divide the 6 attention heads "
+                                          r"of qwen3_next \(num_attention_heads\)"):
         to_transformer_config(spec, tp=4)
 
 

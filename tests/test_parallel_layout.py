@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from megalora.config import ConfigError
 from megalora.parallel.groups import layout
 
 
@@ -25,11 +26,11 @@ def test_layout_follows_megatron_rank_order() -> None:
 
 
 def test_layout_rejects_bad_degrees() -> None:
-    with pytest.raises(ValueError, match="tensor_model_parallel_size=3"):
+    with pytest.raises(ConfigError, match="world size 4 is not divisible by `tensor_model_parallel_size`=3"):
         layout(4, tp=3, ep=1, num_experts=4)
-    with pytest.raises(ValueError, match="num_experts=6"):
+    with pytest.raises(ConfigError, match="`expert_model_parallel_size`=4 does not divide the 6 experts"):
         layout(4, tp=1, ep=4, num_experts=6)
-    with pytest.raises(ValueError, match="expert_tensor_parallel_size=4 does not divide"):
+    with pytest.raises(ConfigError, match="`expert_model_parallel_size`=2 x `expert_tensor_parallel_size`=4"):
         layout(4, tp=2, ep=2, etp=4, num_experts=4)
-    with pytest.raises(ValueError, match="needs a model with experts"):
+    with pytest.raises(ConfigError, match="`expert_model_parallel_size`=2 but the model has no experts"):
         layout(2, tp=1, ep=2, num_experts=0)

@@ -5,6 +5,7 @@ logits; an adapter peft made must give peft's logits once imported) and our own 
 (export -> import round trip)."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -27,11 +28,12 @@ TOL = 1e-5
 
 
 def build_lora_model(hf_dir: Path, *, rank: int = RANK, alpha: float = ALPHA, use_rslora: bool = False,
-                     seed: int = 0, sequence_parallel: bool = False):
-    """Our megatron model with LoRA on every target (router, gates, output layer included)."""
+                     seed: int = 0):
+    """Our megatron model with LoRA on every target (router, gates, output layer included), on
+    the layout of the last `groups.initialize`."""
     from megalora.train.model.build import build_model
 
-    model, info = build_model(hf_dir, sequence_parallel=sequence_parallel)
+    model, info = build_model(hf_dir)
     section = LoraSection(lora_rank=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=ALL)
     report = apply_lora(model, section, seed=seed, expert_impl="loop", verbose=False)
     return model, info, report
@@ -267,18 +269,24 @@ def test_export_command_adapter_mode_writes_this_adapter(case, tmp_path) -> None
         json.loads((case["exported"] / "adapter_config.json").read_text())
 
 
-def _apply_adapter(model: torch.nn.Module, info, adapter: Path) -> None:
-    from megalora.train.lora.peft_format import apply_peft_adapter
+def with_adapter(adapter: Path):
+    """The megatron side of `megalora verify --adapter`: the one builder, with the adapter's own
+    targets, rank, alpha and weights."""
+    from megalora.train.lora.build import build_lora_model as build
 
-    apply_peft_adapter(model, adapter, hf_spec=info.spec, expert_impl="loop")
+    return functools.partial(build, adapter=adapter, expert_impl="loop")
 
 
-def _apply_lora_only(model: torch.nn.Module, info, adapter: Path) -> None:
-    apply_lora(model, LoraSection(target_modules=ALL), expert_impl="loop", verbose=False)
+def _lora_only(model_dir: Path, **kw):
+    """LoRA on the same targets, without the adapter's weights (B = 0)."""
+    from megalora.train.lora.build import build_lora_model as build
+    from megalora.train.lora.spec import LoraSpec
+
+    return build(model_dir, lora=LoraSpec(target_modules=tuple(ALL)), expert_impl="loop", **kw)
 
 
 def test_verify_with_adapter(case) -> None:
-    """`megalora verify --adapter` wiring: apply_peft_adapter inside run_verify, all layers and the
+    """`megalora verify --adapter` wiring: the one builder inside run_verify, all layers and the
     first two (adapters on dropped layers are left out on both sides); a model without the
     adapter's weights fails the same check."""
     from megalora.train.model.verify import run_verify
@@ -286,7 +294,7 @@ def test_verify_with_adapter(case) -> None:
     peft_dir, _ = case["peft_made"]["explicit"]
     for num_layers in (None, 2):
         result = run_verify(case["hf_dir"], adapter=peft_dir, num_layers=num_layers, seq_length=16, tolerance=TOL,
-                            apply_adapter=_apply_adapter)
+                            build=with_adapter(peft_dir))
         assert result.ok, result.summary_line()
-    blind = run_verify(case["hf_dir"], adapter=peft_dir, seq_length=16, tolerance=TOL, apply_adapter=_apply_lora_only)
+    blind = run_verify(case["hf_dir"], adapter=peft_dir, seq_length=16, tolerance=TOL, build=_lora_only)
     assert not blind.ok and blind.rel_l2 > 1e-3

@@ -28,7 +28,7 @@ def import_worker(rank: int, world_size: int, hf_dir: str, peft_dir: str) -> dic
     out: dict[tuple, Any] = {}
     for tp, ep, sp in LAYOUTS:
         groups.initialize(tp=tp, ep=ep, sequence_parallel=sp)
-        model, info, _ = build_lora_model(Path(hf_dir), alpha=2.0, seed=9, sequence_parallel=sp)
+        model, info, _ = build_lora_model(Path(hf_dir), alpha=2.0, seed=9)
         ranks = load_peft_adapter(model, peft_dir, hf_spec=read_hf_config(hf_dir))
         tokens = default_tokens(info.vocab_size, num_tokens=16)
         logits = megatron_logits(model, info, tokens)

@@ -27,7 +27,7 @@ def test_uneven_micro_batches_give_the_one_big_batch_gradient(train_assets):
 
     cfg, _ = load_config(None, ["--lora_rank", "4", "--target_modules", "all-linear", "output_layer",
                                 "--lora_dtype", "float64"])
-    groups.initialize()
+    dims = groups.initialize(device="cpu")
     try:
         model, info = build_model(train_assets.model_dir, dtype=torch.float64)
         apply_lora(model, cfg.lora, seed=3, verbose=False)
@@ -48,8 +48,7 @@ def test_uneven_micro_batches_give_the_one_big_batch_gradient(train_assets):
         two = [_batch([samples[0]], 0), _batch([samples[1]], 0)]
         counts = [int(b["num_trained_tokens"]) for b in two]
         assert counts == [4, 39]
-        kw = dict(device=torch.device("cpu"), packed=False, dp_size=1, layout=layout, params=params, clip_grad=0.0,
-                  reduce_grads=reduce_lora_grads)
+        kw = dict(dims=dims, packed=False, layout=layout, params=params, clip_grad=0.0, reduce_grads=reduce_lora_grads)
         big = train_step(model, one, **kw)
         grads_big = [p.grad.clone() for p in params]
         acc = train_step(model, two, **kw)

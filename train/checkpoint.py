@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from megalora.config import ConfigError
 from megalora.errors import UserError
+from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.layout import gather_full_lora, rank_coords, shard_lora_state
 from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
 
@@ -35,11 +36,12 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[str, str], meta: dict,
-                    save_optim: bool, save_rng: bool) -> Path | None:
-    """Write checkpoint-<step> atomically (rank 0 writes shared files, each rank its RNG)."""
+                    save_optim: bool, save_rng: bool, dims: ParallelDims | None = None) -> Path | None:
+    """Write checkpoint-<step> atomically (rank 0 writes shared files, each rank its RNG); `dims`:
+    the layout `model` is sharded on (default: `groups.current()`)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     named = {n: p for n, p in model.named_parameters() if n in layout}
-    weights = gather_full_lora({n: p.data for n, p in named.items()}, layout)
+    weights = gather_full_lora({n: p.data for n, p in named.items()}, layout, dims=dims)
     moments = None
     if save_optim:
         local = {}
@@ -49,7 +51,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
                 local[f"exp_avg.{n}"] = state["exp_avg"]
                 local[f"exp_avg_sq.{n}"] = state["exp_avg_sq"]
         moment_layout = {f"{m}.{n}": layout[n] for n in named for m in ("exp_avg", "exp_avg_sq")}
-        moments = gather_full_lora(local, moment_layout)
+        moments = gather_full_lora(local, moment_layout, dims=dims)
     tmp = tmp_checkpoint_dir(run_dir, step)
     last_good = read_latest(run_dir)
 
@@ -113,11 +115,11 @@ def first_error(error: str | None) -> str | None:
 
 
 def load_checkpoint(path: Path, *, model, optimizer, layout: dict[str, str], same_layout: bool,
-                    log=print) -> dict:
+                    log=print, dims: ParallelDims | None = None) -> dict:
     """Load this rank's shards of the LoRA weights (and optimizer, RNG) from `path` (verified by
     `run_dir.verify_checkpoint` first); returns meta."""
     meta = json.loads((path / "meta.json").read_text())
-    coords = rank_coords()
+    coords = rank_coords(dims)
     shard_kw = dict(tp_rank=coords["tp_rank"], tp_size=coords["tp_size"], ep_rank=coords["ep_rank"],
                     ep_size=coords["ep_size"])
     full = load_file(str(path / "adapter_model.safetensors"))

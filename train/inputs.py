@@ -46,14 +46,7 @@ def read_model_shape(model_dir: Path) -> tuple[dict, ModelShape]:
         spec = read_hf_config(model_dir)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise ConfigError(f"`model`: {model_dir}: {e}") from None
-    shape = ModelShape(
-        num_experts=int(spec.num_experts or 0),
-        num_attention_heads=spec.num_attention_heads,
-        num_query_groups=spec.num_key_value_heads,
-        num_linear_key_heads=int(spec.linear_num_key_heads or 0),
-        num_linear_value_heads=int(spec.linear_num_value_heads or 0),
-        source=f"{model_dir} ({spec.model_type})",
-    )
+    shape = spec.shape(f"{model_dir} ({spec.model_type})")
     return spec.raw, shape
 
 

@@ -53,8 +53,7 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _layout_signature(self) -> dict:
-        return {"world_size": self.rt.world_size, "tp": self.rt.tp, "ep": self.rt.ep, "dp": self.rt.dp_size,
-                "sequence_parallel": self.cfg.parallel.sequence_parallel}
+        return self.rt.dims.signature()
 
     def maybe_resume(self) -> None:
         ck = self.cfg.checkpoint
@@ -67,12 +66,12 @@ class Trainer:
                          allow_change=ck.allow_base_model_change, fingerprint=self.fingerprint)
         same = meta.get("layout") == self._layout_signature()
         meta = load_checkpoint(path, model=self.model, optimizer=self.optimizer, layout=self.layout,
-                               same_layout=same, log=self.rt.log)
+                               same_layout=same, log=self.rt.log, dims=self.rt.dims)
         self.step = int(meta["step"])
         self.loader.load_state_dict(self._loader_state_for_this_layout(meta["data_loader"], path))
         self.last_checkpoint = path
         self._start_run(meta.get("run_id"))
-        if self.rt.rank == 0:
+        if self.rt.dims.rank == 0:
             dropped = truncate_metrics(self.run_dir, self.step)
             if dropped:
                 self.rt.log(f"megalora: dropped {dropped} metrics.jsonl rows after step {self.step} (they are "
@@ -81,7 +80,7 @@ class Trainer:
 
     def _start_run(self, run_id: str | None) -> None:
         """The run id every checkpoint of this run carries (the resumed one's, or a new one)."""
-        if self.rt.rank == 0:
+        if self.rt.dims.rank == 0:
             self.run_id = start_run(self.run_dir, run_id)
 
     def _loader_state_for_this_layout(self, saved: dict, path: Path) -> dict:
@@ -107,8 +106,8 @@ class Trainer:
         ck = self.cfg.checkpoint
         path = save_checkpoint(self.run_dir, step=self.step, model=self.model, optimizer=self.optimizer,
                                layout=self.layout, meta=self._meta(), save_optim=not ck.no_save_optim,
-                               save_rng=not ck.no_save_rng)
-        if self.rt.rank == 0:
+                               save_rng=not ck.no_save_rng, dims=self.rt.dims)
+        if self.rt.dims.rank == 0:
             self.last_checkpoint = path
             prune_checkpoints(self.run_dir, ck.save_total_limit, run_id=self.run_id)
             self.rt.log(f"megalora: saved {path}")
@@ -122,11 +121,12 @@ class Trainer:
         it = iter(self.val_loader)
         whole = self.val_loader.batches_per_epoch
         for _ in range(whole if eval_iters < 0 else min(eval_iters, whole)):
-            loss, n, correct = eval_step(self.model, next(it), device=self.rt.device, packed=self.cfg.data.packing)
+            loss, n, correct = eval_step(self.model, next(it), device=self.rt.dims.device,
+                                         packed=self.cfg.data.packing)
             sums += torch.tensor([loss, n, correct], dtype=torch.float64)
         self.val_loader.load_state_dict({"epoch": 0, "position": 0})
         self.model.train()
-        sums = dp_all_reduce(sums)
+        sums = dp_all_reduce(sums, dims=self.rt.dims)
         return {"eval_loss": float(sums[0] / max(sums[1], 1)), "eval_acc": float(sums[2] / max(sums[1], 1))}
 
     def last_checkpoint_path(self) -> Path:
@@ -137,10 +137,10 @@ class Trainer:
     def run(self) -> int:
         cfg, rt = self.cfg, self.rt
         self.maybe_resume()
-        sinks = make_sinks(rank=rt.rank, run_dir=self.run_dir, report_to=cfg.logging.report_to,
+        sinks = make_sinks(rank=rt.dims.rank, run_dir=self.run_dir, report_to=cfg.logging.report_to,
                            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                            wandb_name=cfg.logging.wandb_exp_name, config=cfg.to_dict())
-        progress = Progress(total_steps=self.total_steps, start_step=self.step, rank=rt.rank)
+        progress = Progress(total_steps=self.total_steps, start_step=self.step, rank=rt.dims.rank)
         stop = StopRequest().install()
         batches = iter(self.loader)
         self.model.train()
@@ -153,9 +153,8 @@ class Trainer:
                     group["lr"] = lr
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(self.grad_accum)]
-                result = train_step(self.model, micro, device=rt.device, packed=cfg.data.packing, dp_size=rt.dp_size,
-                                    layout=self.layout, params=self.params, clip_grad=cfg.train.clip_grad,
-                                    reduce_grads=self.reduce_grads)
+                result = train_step(self.model, micro, dims=rt.dims, packed=cfg.data.packing, layout=self.layout,
+                                    params=self.params, clip_grad=cfg.train.clip_grad, reduce_grads=self.reduce_grads)
                 if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
                     where = self.last_checkpoint or "none (no checkpoint was written yet)"
                     raise NonFiniteLoss(f"non-finite loss {result.loss} / grad norm {result.grad_norm} at step "
@@ -165,7 +164,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t0
                 metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                            "trained_tokens": result.trained_tokens,
-                           "tokens_per_s": result.tokens * rt.dp_size / max(elapsed, 1e-9),
+                           "tokens_per_s": result.tokens * rt.dims.dp / max(elapsed, 1e-9),
                            "epoch": self.loader.state.epoch}
                 interval = cfg.train.eval_interval
                 if interval and (self.step % interval == 0 or self.step == self.total_steps):
@@ -184,7 +183,7 @@ class Trainer:
                            f"--resume latest --save {self.run_dir}")
                     return 0
         except NonFiniteLoss as e:
-            print(f"megalora sft: error (rank {rt.rank}): {e}", flush=True)
+            print(f"megalora sft: error (rank {rt.dims.rank}): {e}", flush=True)
             return 3
         finally:
             stop.restore()

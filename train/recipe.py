@@ -27,22 +27,34 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron.core import parallel_state
+
 from megalora.config import Config, ConfigError, Extras, check_layout, save_config
+from megalora.data.dataset import build_datasets
+from megalora.data.sampler import BatchLoader
+from megalora.demo import DEMO, ensure_demo_assets
 from megalora.errors import UserError
+from megalora.export.run import export_checkpoint
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
+from megalora.train.checkpoint import first_error
+from megalora.train.inputs import (check_inputs, check_model_files, data_cache_dir, describe_extras, load_tokenizer,
+                                   read_model_shape, resolve_model_dir)
+from megalora.train.loop import Trainer
+from megalora.train.lora.build import build_lora_model
+from megalora.train.lora.peft_format import peft_equivalent_count
+from megalora.train.lora.spec import LoraSpec
+from megalora.train.run_dir import CHECKPOINT_RE, RUN_FILE, clean_partial
 
 
 @dataclass
 class Runtime:
-    rank: int
-    world_size: int
-    dp_rank: int
-    dp_size: int
-    tp: int
-    ep: int
-    device: torch.device
+    """The parallel layout of this rank and the rank-0 log."""
+
+    dims: ParallelDims
 
     def log(self, msg: str = "") -> None:
-        if self.rank == 0:
+        if self.dims.rank == 0:
             print(msg, flush=True)
 
 
@@ -54,18 +66,11 @@ def _dtype(cfg: Config) -> torch.dtype:
 
 
 def setup_distributed(cfg: Config) -> Runtime:
-    from megatron.core import parallel_state as ps
-
-    from megalora.parallel import groups
-
     p = cfg.parallel
-    groups.initialize(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
-                      sequence_parallel=p.sequence_parallel, backend=p.distributed_backend,
-                      timeout_minutes=p.distributed_timeout_minutes)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=ps.get_data_parallel_rank(),
-                   dp_size=ps.get_data_parallel_world_size(), tp=p.tensor_model_parallel_size,
-                   ep=p.expert_model_parallel_size, device=device)
+    dims = groups.initialize(tp=p.tensor_model_parallel_size, ep=p.expert_model_parallel_size,
+                             sequence_parallel=p.sequence_parallel, backend=p.distributed_backend,
+                             timeout_minutes=p.distributed_timeout_minutes)
+    return Runtime(dims)
 
 
 def _barrier() -> None:
@@ -75,11 +80,8 @@ def _barrier() -> None:
 
 def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
     """Model folder on every rank (rank 0 creates the demo / downloads first); `demo` data resolved."""
-    from megalora.demo import DEMO, ensure_demo_assets
-    from megalora.train.inputs import resolve_model_dir
-
     needs_demo = cfg.model.model == DEMO or DEMO in cfg.data.dataset or DEMO in cfg.data.val_dataset
-    if needs_demo and rt.rank == 0:
+    if needs_demo and rt.dims.rank == 0:
         ensure_demo_assets(log=rt.log)
     _barrier()
     if needs_demo:
@@ -92,8 +94,6 @@ def resolve_inputs(cfg: Config, rt: Runtime) -> Path:
 def set_aside_previous_run(run_dir: Path) -> Path | None:
     """A new run in a used folder: move the earlier run's files into `previous-<time>/`, so
     its checkpoints and metrics are neither mixed with the new ones nor lost."""
-    from megalora.train.run_dir import CHECKPOINT_RE, RUN_FILE
-
     old = [p for p in run_dir.iterdir()
            if CHECKPOINT_RE.match(p.name) or p.name in ("metrics.jsonl", "latest", "config.yaml", RUN_FILE)]
     if not any(CHECKPOINT_RE.match(p.name) or p.name == "metrics.jsonl" for p in old):
@@ -107,11 +107,8 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
 
 def prepare_run_dir(cfg: Config, run_dir: Path, rt: Runtime) -> None:
     """Rank 0 readies the run folder; a folder it cannot write stops every rank with one line."""
-    from megalora.train.checkpoint import first_error
-    from megalora.train.run_dir import clean_partial
-
     error = None
-    if rt.rank == 0:
+    if rt.dims.rank == 0:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             for partial in clean_partial(run_dir):
@@ -130,8 +127,6 @@ def prepare_run_dir(cfg: Config, run_dir: Path, rt: Runtime) -> None:
 
 
 def train(cfg: Config, extras: Extras) -> int:
-    from megalora.parallel import groups
-
     # A caller that started torch.distributed itself (a test harness) keeps its process group.
     owns_process_group = not (dist.is_available() and dist.is_initialized())
     rt = setup_distributed(cfg)
@@ -141,46 +136,36 @@ def train(cfg: Config, extras: Extras) -> int:
         # A mistake in the user's input names the key, file or row: one line, exit 2. Anything
         # else is a bug and keeps its traceback.
         # One write per line: the ranks share the terminal, and print's separate newline interleaves.
-        sys.stderr.write(f"megalora sft: error (rank {rt.rank}): {e}\n")
+        sys.stderr.write(f"megalora sft: error (rank {rt.dims.rank}): {e}\n")
         sys.stderr.flush()
         return 2
     finally:
         if owns_process_group:
             groups.destroy()
         else:
-            from megatron.core import parallel_state
-
             parallel_state.destroy_model_parallel()
 
 
 def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
-    from megalora.train.inputs import (check_inputs, check_model_files, data_cache_dir, describe_extras, load_tokenizer,
-                                       read_model_shape)
-    from megalora.data.dataset import build_datasets
-    from megalora.data.sampler import BatchLoader
-    from megalora.train.loop import Trainer
-    from megalora.train.lora.apply import apply_lora
-    from megalora.train.lora.layout import lora_layout
-    from megalora.train.model.build import build_model
-
     model_dir = resolve_inputs(cfg, rt)
     _, shape = read_model_shape(model_dir)
     check_model_files(model_dir)
-    degrees = check_layout(cfg, world_size=rt.world_size, shape=shape)
+    dims = rt.dims
+    degrees = check_layout(cfg, world_size=dims.world_size, shape=shape)
     for line in describe_extras(extras):
         rt.log(f"megalora: {line}")
     check_inputs(cfg, resume=False)
     run_dir = Path(cfg.checkpoint.save)
     prepare_run_dir(cfg, run_dir, rt)
-    rt.log(f"megalora: world {rt.world_size} = TP {rt.tp} x DP {rt.dp_size}; EP {rt.ep}; "
+    rt.log(f"megalora: world {dims.world_size} = TP {dims.tp} x DP {dims.dp}; EP {dims.ep}; "
            f"gradient accumulation {degrees['grad_accum']}; run folder {run_dir}")
 
     tokenizer = load_tokenizer(model_dir)
-    train_ds, val_ds = build_datasets(cfg.data, tokenizer, cache_dir=data_cache_dir(), rank=rt.rank, log=rt.log,
+    train_ds, val_ds = build_datasets(cfg.data, tokenizer, cache_dir=data_cache_dir(), rank=dims.rank, log=rt.log,
                                       use_hf=cfg.model.use_hf)
-    pad_multiple = rt.tp if cfg.parallel.sequence_parallel else 1
+    pad_multiple = dims.tp if dims.sequence_parallel else 1
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=rt.dp_rank, dp_size=rt.dp_size,
+    loader_kw = dict(micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.dp_rank, dp_size=dims.dp,
                      packing=cfg.data.packing, max_length=cfg.data.max_length, pad_to_multiple_of=pad_multiple,
                      pad_token_id=pad_id, num_workers=cfg.data.num_workers)
     loader = BatchLoader(train_ds, seed=cfg.data.data_seed, accumulation=degrees["grad_accum"], **loader_kw)
@@ -196,37 +181,25 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
     if not shape.num_experts:
         overrides.pop("moe_token_dispatcher_type")
         overrides.pop("moe_aux_loss_coeff")
-    model, info = build_model(model_dir, dtype=_dtype(cfg), num_layers=cfg.model.num_layers,
-                              sequence_parallel=cfg.parallel.sequence_parallel,
-                              experts="grouped" if cfg.model.moe_grouped_gemm else "sequential", **overrides)
+    # Resume builds the same way; the loop then loads the checkpoint's LoRA and optimizer state.
+    model, info = build_lora_model(model_dir, lora=LoraSpec.from_section(cfg.lora), dims=dims,
+                                   adapter=cfg.lora.adapters, dtype=_dtype(cfg), num_layers=cfg.model.num_layers,
+                                   experts="grouped" if cfg.model.moe_grouped_gemm else "sequential", seed=t.seed,
+                                   verbose=dims.rank == 0, **overrides)
     if info.load is not None and info.load.quantization is not None:
         dtype = str(_dtype(cfg)).removeprefix("torch.")
         rt.log(f"megalora: {model_dir} holds {info.load.quantization.describe()} weights: "
                f"{info.load.num_dequantized} tensors dequantized at load into {dtype} (each rank its slices)")
-    model.to(rt.device)
-    report = apply_lora(model, cfg.lora, seed=t.seed, verbose=rt.rank == 0)
-    if not cfg.lora.lora_per_projection:
-        from megalora.train.lora.peft_format import peft_equivalent_count
-
-        same = peft_equivalent_count(model, rank=cfg.lora.lora_rank, vocab_size=info.vocab_size,
+    if info.lora.per_projection:
+        rt.log(f"megalora: lora_per_projection: {info.num_masked} fused layers train one adapter per HF projection")
+    else:
+        same = peft_equivalent_count(model, rank=info.lora.rank, vocab_size=info.vocab_size,
                                      padded_vocab_size=info.padded_vocab_size)
         rt.log(f"megalora: as a peft adapter (one A per HF projection): {same:,} trainable parameters")
-    if cfg.lora.lora_per_projection:
-        from megalora.train.lora.options import LoraOptions
-        from megalora.train.lora.per_projection import split_fused_adapters
-
-        count = split_fused_adapters(model, hf_spec=info.spec, lora_options=LoraOptions.from_section(cfg.lora),
-                                     seed=t.seed)
-        rt.log(f"megalora: lora_per_projection: {count} fused layers train one adapter per HF projection")
     if cfg.lora.adapters is not None:
-        from megalora.train.lora.peft_format import load_peft_adapter
-
-        # Before the optimizer exists: fused layers may get wider LoRA tensors (one block per
-        # HF projection), so parameters are replaced.
-        load_peft_adapter(model, cfg.lora.adapters, hf_spec=info.spec)
         rt.log(f"megalora: started from the PEFT adapter {cfg.lora.adapters}")
-    trainer = Trainer(cfg, rt, model=model, layout=lora_layout(model), loader=loader, val_loader=val_loader,
-                      grad_accum=degrees["grad_accum"], model_dir=model_dir, report=report)
+    trainer = Trainer(cfg, rt, model=model, layout=info.layout, loader=loader, val_loader=val_loader,
+                      grad_accum=degrees["grad_accum"], model_dir=model_dir, report=info.report)
     code = trainer.run()
     if code == 0 and cfg.export.merge_lora and trainer.step == trainer.total_steps:
         export_final(cfg, trainer.last_checkpoint_path(), rt)
@@ -235,8 +208,6 @@ def _train(cfg: Config, extras: Extras, rt: Runtime) -> int:
 
 def export_final(cfg: Config, checkpoint: Path, rt: Runtime) -> None:
     """`merge_lora`: the merged HF export of the final checkpoint (verified), pushed when asked."""
-    from megalora.export.run import export_checkpoint
-
     e = cfg.export
     out = Path(cfg.checkpoint.save) / f"{checkpoint.name}-merged"
     rt.log(f"megalora: merge_lora: writing the merged model to {out}")

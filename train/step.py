@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megalora.data.errors import DataError
+from megalora.parallel.dims import ParallelDims
 
 IGNORE_INDEX = -100
 
@@ -67,16 +67,14 @@ def forward_loss(model, batch: dict, *, device: torch.device, packed: bool) -> t
     return losses.double(), mask.to(device)
 
 
-def dp_all_reduce(values: torch.Tensor) -> torch.Tensor:
+def dp_all_reduce(values: torch.Tensor, *, dims: ParallelDims) -> torch.Tensor:
     """SUM over the data-parallel group (ranks that see different samples)."""
-    if dist.is_initialized():
-        group = parallel_state.get_data_parallel_group()
-        if group.size() > 1:
-            dist.all_reduce(values, group=group)
+    if dims.dp > 1:
+        dist.all_reduce(values, group=dims.groups.dp)
     return values
 
 
-def lora_grad_norm(model, layout: dict[str, str]) -> float:
+def lora_grad_norm(model, layout: dict[str, str], *, dims: ParallelDims) -> float:
     """Global L2 norm of the LoRA gradients, each full-model element counted exactly once.
 
     TP-split halves are summed over TP, routed-expert adapters over EP, replicated ones
@@ -89,17 +87,14 @@ def lora_grad_norm(model, layout: dict[str, str]) -> float:
         kind = layout[name]
         # Kinds other than these two (column, row, glu_column, segments:...) are TP splits.
         sums[1 if kind == "replicated" else 2 if kind == "expert" else 0] += sq
-    if dist.is_initialized():
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        ep_group = parallel_state.get_expert_model_parallel_group()
-        if tp_group.size() > 1:
-            part = sums[0:1].clone()
-            dist.all_reduce(part, group=tp_group)
-            sums[0] = part[0]
-        if ep_group.size() > 1:
-            part = sums[2:3].clone()
-            dist.all_reduce(part, group=ep_group)
-            sums[2] = part[0]
+    if dims.tp > 1:
+        part = sums[0:1].clone()
+        dist.all_reduce(part, group=dims.groups.tp)
+        sums[0] = part[0]
+    if dims.ep > 1:
+        part = sums[2:3].clone()
+        dist.all_reduce(part, group=dims.groups.ep)
+        sums[2] = part[0]
     return math.sqrt(float(sums.sum()))
 
 
@@ -119,12 +114,13 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(model, micro_batches: list[dict], *, device: torch.device, packed: bool, dp_size: int,
-               layout: dict[str, str], params: list[torch.nn.Parameter], clip_grad: float,
-               reduce_grads) -> StepResult:
-    """Forward/backward over the micro-batches of one step; grads reduced and clipped."""
+def train_step(model, micro_batches: list[dict], *, dims: ParallelDims, packed: bool, layout: dict[str, str],
+               params: list[torch.nn.Parameter], clip_grad: float, reduce_grads) -> StepResult:
+    """Forward/backward over the micro-batches of one step on `dims.device`; grads reduced
+    (`reduce_grads(model, dims=dims)`) and clipped."""
+    device, dp_size = dims.device, dims.dp
     local = torch.tensor([float(sum(int(b["num_trained_tokens"]) for b in micro_batches))], dtype=torch.float64)
-    global_tokens = float(dp_all_reduce(local.clone())[0])
+    global_tokens = float(dp_all_reduce(local.clone(), dims=dims)[0])
     if global_tokens == 0:
         raise DataError("a global batch without any trained token: check the label masks of the data")
     # MoE auxiliary loss: mean over micro-batches and DP ranks, as megatron scales it.
@@ -139,10 +135,10 @@ def train_step(model, micro_batches: list[dict], *, device: torch.device, packed
         (masked * (dp_size / global_tokens)).backward()
         loss_sum += masked.detach().double().cpu()
         tokens += batch["input_ids"].numel()
-    reduce_grads(model)
-    norm = lora_grad_norm(model, layout)
+    reduce_grads(model, dims=dims)
+    norm = lora_grad_norm(model, layout, dims=dims)
     clip_grads(params, norm=norm, max_norm=clip_grad)
-    total = dp_all_reduce(loss_sum)
+    total = dp_all_reduce(loss_sum, dims=dims)
     return StepResult(loss=float(total[0]) / global_tokens, trained_tokens=int(global_tokens),
                       tokens=tokens, grad_norm=norm)
 

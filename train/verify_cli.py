@@ -11,20 +11,20 @@ In bf16 a line before it gives each side's distance from transformers in fp32.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
 from megalora.commands import parse_command, render_help, wants_help
-from megalora.config import ConfigError
-
-
-def _apply_adapter(model, info, adapter_dir) -> None:
-    """The PEFT adapter into our LoRA modules (targets, rank and alpha taken from the adapter)."""
-    from megalora.train.lora.peft_format import apply_peft_adapter
-
-    apply_peft_adapter(model, adapter_dir, hf_spec=info.spec)
+from megalora.config import ConfigError, check_parallel_sizes
+from megalora.parallel import groups
+from megalora.train.inputs import resolve_model_dir_from_name
+from megalora.train.lora.adapter_formats import peft_readable
+from megalora.train.lora.build import build_lora_model
+from megalora.train.model.hf_config import read_hf_config
+from megalora.train.model.verify import run_verify
 
 
 def cmd_verify(argv: list[str]) -> int:
@@ -38,9 +38,7 @@ def cmd_verify(argv: list[str]) -> int:
     adapter = cfg.lora.adapters
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
-    if world % tp or world % ep:
-        raise ConfigError(f"world size {world} is not divisible by `tensor_model_parallel_size`={tp} and "
-                          f"`expert_model_parallel_size`={ep}")
+    check_parallel_sizes(tp=tp, ep=ep, world_size=world)
     if own.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine")
     on_cuda = own.device == "cuda" or (own.device == "auto" and torch.cuda.is_available())
@@ -48,25 +46,16 @@ def cmd_verify(argv: list[str]) -> int:
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--torch_dtype {dtype}: verify compares in float32 or bfloat16 (its pass bounds are for those)")
     sequence_parallel = cfg.parallel.sequence_parallel and tp > 1
-    from megalora.train.inputs import resolve_model_dir_from_name
-    from megalora.train.lora.adapter_formats import peft_readable
-    from megalora.parallel import groups
-    from megalora.train.model.hf_config import read_hf_config
-    from megalora.train.model.verify import run_verify
-
-    groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
-    device = "cuda" if on_cuda else "cpu"
-    if device == "cuda":
-        # The rank's own GPU, chosen by groups.initialize from LOCAL_RANK.
-        device = f"cuda:{torch.cuda.current_device()}"
+    dims = groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel, device="cuda" if on_cuda else "cpu")
     model_dir = resolve_model_dir_from_name(cfg.model.model, use_hf=cfg.model.use_hf)
+    # With an adapter, megatron takes its targets, rank and alpha and loads it (the one builder);
+    # transformers reads it through peft, converted first where peft misreads the layout.
+    build = functools.partial(build_lora_model, adapter=adapter) if adapter else None
     try:
-        result = run_verify(model_dir, adapter=adapter, num_layers=cfg.model.num_layers, tp=tp, ep=ep,
-                            sequence_parallel=sequence_parallel, tolerance=own.tolerance,
-                            dtype=getattr(torch, dtype), device=device,
+        result = run_verify(model_dir, adapter=adapter, num_layers=cfg.model.num_layers, dims=dims,
+                            tolerance=own.tolerance, dtype=getattr(torch, dtype),
                             seq_length=own.seq_length, batch_size=own.batch_size, seed=cfg.train.seed,
-                            apply_adapter=_apply_adapter if adapter else None,
-                            prepare_adapter=peft_readable if adapter else None)
+                            build=build, prepare_adapter=peft_readable if adapter else None)
     finally:
         groups.destroy()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -151,7 +151,7 @@ def rank_forward(
         groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
         per_model = {}
         for model_dir in model_dirs:
-            model, info = build_model(model_dir, sequence_parallel=sequence_parallel)
+            model, info = build_model(model_dir)
             logits = megatron_logits(model, info, sample_tokens(info.vocab_size))
             packed = megatron_logits(
                 model, info, packed_sample_tokens(info.vocab_size), cu_seqlens=torch.tensor(PACKED_CU_SEQLENS)
@@ -171,8 +171,8 @@ def rank_forward(
                 "packed_padded_logits": packed_padded[:, real_positions()] if rank == 0 else None,
                 "param_numel": {n: p.numel() for n, p in model.named_parameters()},
                 "bytes_read": info.load.bytes_read,
-                "tp_rank": info.where.tp_rank,
-                "ep_rank": info.where.ep_rank,
+                "tp_rank": info.dims.tp_rank,
+                "ep_rank": info.dims.ep_rank,
             }
         results[(tp, ep, sequence_parallel)] = per_model
     return results
@@ -211,7 +211,7 @@ def rank_verify(rank: int, world_size: int, model_dir: str, num_layers: int, per
     `num_layers` layers; then the same check after adding noise to parameter `perturb`
     of the loaded megatron model (on every rank, so every shard of it changes)."""
     clean = run_verify(model_dir, num_layers=num_layers, tp=world_size, sequence_parallel=True)
-    model, info = build_model(model_dir, num_layers=num_layers, sequence_parallel=True)
+    model, info = build_model(model_dir, num_layers=num_layers)
     params = dict(model.named_parameters())
     if perturb not in params:
         raise ValueError(f"no parameter {perturb!r}; have {sorted(params)}")
@@ -234,7 +234,7 @@ def rank_verify_layouts(
     out: dict[Layout, Any] = {}
     for tp, ep, sequence_parallel in layouts:
         result = run_verify(model_dir, tp=tp, ep=ep, sequence_parallel=sequence_parallel, reference_dir=reference_dir)
-        _, info = build_model(model_dir, sequence_parallel=sequence_parallel)
+        _, info = build_model(model_dir)
         assert info.load is not None
         out[(tp, ep, sequence_parallel)] = {"result": result, "num_dequantized": info.load.num_dequantized,
                                             "bytes_read": info.load.bytes_read}

@@ -40,7 +40,7 @@ from megalora.config import ConfigError
 from megalora.train.lora.experts import LoraExperts
 from megalora.train.lora.gates import add_router_lora, add_shared_expert_gate_lora
 from megalora.train.lora.layers import LoraLinear
-from megalora.train.lora.options import LoraOptions
+from megalora.train.lora.spec import LoraSpec
 
 ALL_LINEAR = ("linear_qkv", "linear_proj", "in_proj", "out_proj", "linear_fc1", "linear_fc2")
 ON_REQUEST = ("router", "shared_expert_gate", "output_layer")
@@ -166,19 +166,20 @@ def _replace(model: torch.nn.Module, name: str, old: torch.nn.Module, new: torch
 
 def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
                expert_impl: str = "grouped", verbose: bool = True) -> LoraReport:
-    """Freeze `model`, add LoRA to the targets chosen by `lora_cfg` (a `LoraSection`).
+    """Freeze `model`, add LoRA to the targets chosen by `lora_cfg` (a `LoraSpec`, or a
+    `LoraSection` read by `LoraSpec.from_section`). Its `per_projection` is applied by
+    `megalora.train.lora.build`, which builds a model with LoRA in one call.
 
     `seed` fixes every adapter's A (per module name, so all parallel layouts start equal);
     `expert_impl` is `grouped` or `loop` for the routed experts. Returns a `LoraReport`
     (printed on rank 0 when `verbose`). Raises ValueError when nothing matches.
     """
-    if getattr(lora_cfg, "tuner_type", None) not in (None, "lora"):  # None: not given, LoRA (said at start)
-        raise ValueError(f"lora.tuner_type={lora_cfg.tuner_type!r}: only 'lora' is offered")
+    spec = LoraSpec.from_section(lora_cfg)
     if any(isinstance(m, (LoraLinear, LoraExperts)) or hasattr(m, "gate_lora") or hasattr(m, "lora")
            for m in model.modules()):
         raise ValueError("apply_lora: the model already has LoRA adapters")
-    options = LoraOptions.from_section(lora_cfg)
-    select = _Selector(lora_cfg)
+    options = spec.options
+    select = _Selector(spec)
     for p in model.parameters():
         p.requires_grad_(False)
     report = LoraReport()
@@ -201,8 +202,8 @@ def apply_lora(model: torch.nn.Module, lora_cfg: Any, *, seed: int = 42,
                 select.wants(f"{name}.gate", "shared_expert_gate"):
             plan.append((name, "shared_expert_gate", module, ()))
     if not plan:
-        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules!r} / target_regex="
-                          f"{lora_cfg.target_regex!r} matched no module of the model")
+        raise ConfigError(f"lora.target_modules={list(spec.target_modules)!r} / target_regex="
+                          f"{spec.target_regex!r} matched no module of the model")
     for name, kind, module, projections in plan:
         init_seed = _seed_for(seed, name)
         frozen = _adapted_base_params(module, kind, projections)

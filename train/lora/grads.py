@@ -19,8 +19,10 @@ from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
 
 
 def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -47,21 +49,24 @@ def _all_reduce_grads(params: Iterable[torch.nn.Parameter], group: Optional[dist
             g.copy_(reduced)
 
 
-def allreduce_lora_grads(model: torch.nn.Module) -> None:
+def allreduce_lora_grads(model: torch.nn.Module, *, dims: ParallelDims | None = None) -> None:
     """SUM over the tensor-parallel group the grads of LoRA halves marked `lora_tp_allreduce`."""
+    dims = dims or groups.current()
     marked = [p for _, p in lora_parameters(model) if getattr(p, "lora_tp_allreduce", False)]
     if marked:
-        _all_reduce_grads(marked, parallel_state.get_tensor_model_parallel_group())
+        _all_reduce_grads(marked, dims.groups.tp)
 
 
-def reduce_lora_grads(model: torch.nn.Module) -> None:
-    """All LoRA gradient reductions: TP (sequence-parallel halves), then DP / expert-DP average."""
-    allreduce_lora_grads(model)
-    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    dp_size = dp_group.size()
+def reduce_lora_grads(model: torch.nn.Module, *, dims: ParallelDims | None = None) -> None:
+    """All LoRA gradient reductions: TP (sequence-parallel halves), then DP / expert-DP average.
+    `dims`: the layout (default: `groups.current()`)."""
+    dims = dims or groups.current()
+    allreduce_lora_grads(model, dims=dims)
+    # Context parallel is 1: the data-parallel group is megatron's with or without it.
+    dp_group, dp_size = dims.groups.dp, dims.dp
     params = [p for _, p in lora_parameters(model)]
     dense = [p for p in params if not getattr(p, "lora_expert", False)]
     expert = [p for p in params if getattr(p, "lora_expert", False)]
     _all_reduce_grads(dense, dp_group, divide_by=dp_size)
     if expert:
-        _all_reduce_grads(expert, parallel_state.get_expert_data_parallel_group(), divide_by=dp_size)
+        _all_reduce_grads(expert, dims.groups.expert_dp, divide_by=dp_size)

@@ -22,8 +22,9 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.experts import LoraExperts
 from megalora.train.lora.gates import LoraGate
 from megalora.train.lora.layers import LoraLinear
@@ -120,15 +121,17 @@ def gather_lora_state(parts: Sequence[Mapping[str, torch.Tensor]], layout: Mappi
     return full
 
 
-def rank_coords() -> dict:
-    """This rank's tp/ep ranks and the tp/ep sizes, from megatron's groups."""
-    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "ep_rank": ps.get_expert_model_parallel_rank(),
-            "tp_size": ps.get_tensor_model_parallel_world_size(), "ep_size": ps.get_expert_model_parallel_world_size()}
+def rank_coords(dims: ParallelDims | None = None) -> dict:
+    """This rank's tp/ep ranks and the tp/ep sizes in `dims` (default: `groups.current()`)."""
+    dims = dims or groups.current()
+    return {"tp_rank": dims.tp_rank, "ep_rank": dims.ep_rank, "tp_size": dims.tp, "ep_size": dims.ep}
 
 
-def gather_full_lora(local: dict[str, torch.Tensor], layout: dict[str, str]) -> dict[str, torch.Tensor] | None:
-    """Full-shape tensors on rank 0 (None elsewhere) from every rank's shards."""
-    coords = rank_coords()
+def gather_full_lora(local: dict[str, torch.Tensor], layout: dict[str, str], *,
+                     dims: ParallelDims | None = None) -> dict[str, torch.Tensor] | None:
+    """Full-shape tensors on rank 0 (None elsewhere) from every rank's shards, sharded on `dims`
+    (default: `groups.current()`)."""
+    coords = rank_coords(dims)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return {k: v.detach().cpu().clone() for k, v in local.items()}
     payload = ({k: v.detach().cpu() for k, v in local.items()}, coords)

@@ -23,7 +23,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass(frozen=True)
 class LoraOptions:
-    """Per-adapter hyper-parameters (a flat view of `megalora.config.LoraSection`)."""
+    """Per-adapter hyper-parameters (`LoraSpec.options`)."""
 
     rank: int = 8
     alpha: float = 32.0
@@ -43,20 +43,6 @@ class LoraOptions:
         if self.use_rslora:
             return self.alpha / math.sqrt(self.rank)
         return self.alpha / self.rank
-
-    @classmethod
-    def from_section(cls, section: object) -> "LoraOptions":
-        """Build from a `LoraSection` (or anything with the same field names)."""
-        dtype_name = getattr(section, "lora_dtype", "float32")
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"lora_dtype must be one of {sorted(_DTYPES)}, got {dtype_name!r}")
-        return cls(
-            rank=int(section.lora_rank),
-            alpha=float(section.lora_alpha),
-            dropout=float(section.lora_dropout),
-            use_rslora=bool(section.use_rslora),
-            dtype=_DTYPES[dtype_name],
-        )
 
 
 def kaiming_uniform_full(rows: int, cols: int, *, seed: int) -> torch.Tensor:

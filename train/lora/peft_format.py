@@ -44,8 +44,8 @@ The serving layouts (vLLM, SGLang) are built on this one in `adapter_formats`.
 
 Entry points: `write_peft_adapter(checkpoint_dir, out_dir)` (export), `megatron_to_peft` (pure),
 `load_peft_adapter(model, dir, hf_spec=)` (model already wrapped by `apply_lora`),
-`apply_peft_adapter(model, dir, hf_spec=)` (apply_lora with the adapter's targets, rank and alpha,
-then load), `peft_to_megatron` (pure). The import side lives in `peft_import` (with
+`peft_to_megatron` (pure); a model with the adapter's own targets, rank and alpha is built by
+`megalora.train.lora.build.build_lora_model(..., adapter=dir)`. The import side lives in `peft_import` (with
 `load_megatron_lora`, which resizes and loads a full megatron LoRA dict, e.g. before resuming).
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from megalora.config import ConfigError
-from megalora.train.lora.options import LoraOptions
+from megalora.train.lora.spec import read_trained_model
 from megalora.train.model.hf_config import HFModelSpec, read_hf_config
 from megalora.train.model.mapping import Rule, Source, rules_for
 
@@ -262,21 +262,11 @@ def read_checkpoint_lora(checkpoint_dir: str | Path) -> tuple[dict[str, Tensor],
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
         raise ConfigError(f"{ckpt}: not a megalora checkpoint folder (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    lora = (meta.get("config") or {}).get("lora")
-    if not lora or "base_model" not in meta:
-        raise ConfigError(f"{meta_path}: needs keys 'base_model' and 'config.lora'")
-    try:
-        options = LoraOptions(rank=int(lora["lora_rank"]), alpha=float(lora["lora_alpha"]),
-                              dropout=float(lora.get("lora_dropout", 0.0)),
-                              use_rslora=bool(lora.get("use_rslora", False)))
-    except KeyError as err:
-        raise ConfigError(f"{meta_path}: config.lora lacks {err}") from None
-    spec = read_hf_config(meta["base_model"])
-    num_layers = ((meta.get("config") or {}).get("model") or {}).get("num_layers")
-    if num_layers:
-        spec = spec.truncated(int(num_layers))
-    return load_file(str(ckpt / ADAPTER_WEIGHTS)), spec, options, str(meta["base_model"])
+    trained = read_trained_model(json.loads(meta_path.read_text()), where=meta_path)
+    spec = read_hf_config(trained.base_model)
+    if trained.num_layers:
+        spec = spec.truncated(trained.num_layers)
+    return load_file(str(ckpt / ADAPTER_WEIGHTS)), spec, trained.lora.options, str(trained.base_model)
 
 
 def save_adapter(tensors: Mapping[str, Tensor], config: Mapping[str, Any], out_dir: str | Path) -> Path:
@@ -304,21 +294,13 @@ def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping
     return peft_import.peft_to_megatron(peft_tensors, adapter_config, hf_spec=hf_spec, scaling=scaling)
 
 
-def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec) -> dict[str, int]:
+def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
+                      dims: Any = None) -> dict[str, int]:
     """Load a peft adapter folder into a model wrapped by `apply_lora`, on any layout
     (see `peft_import.load_peft_adapter`)."""
     from megalora.train.lora import peft_import  # builds on this module: imported at call time
 
-    return peft_import.load_peft_adapter(model, adapter_dir, hf_spec=hf_spec)
-
-
-def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
-                       seed: int = 42, expert_impl: str = "grouped") -> dict[str, int]:
-    """`apply_lora` with the adapter's own targets, rank and alpha, then `load_peft_adapter`
-    (see `peft_import.apply_peft_adapter`)."""
-    from megalora.train.lora import peft_import  # builds on this module: imported at call time
-
-    return peft_import.apply_peft_adapter(model, adapter_dir, hf_spec=hf_spec, seed=seed, expert_impl=expert_impl)
+    return peft_import.load_peft_adapter(model, adapter_dir, hf_spec=hf_spec, dims=dims)
 
 
 def peft_equivalent_count(model: torch.nn.Module, *, rank: int, vocab_size: int, padded_vocab_size: int) -> int:

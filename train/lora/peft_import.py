@@ -16,9 +16,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from megalora.config import ConfigError
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
+from megalora.train.lora.experts import LoraExperts
+from megalora.train.lora.gates import LoraGate
+from megalora.train.lora.layers import LoraLinear
+from megalora.train.lora.layout import lora_layout, shard_lora_state
 from megalora.train.lora.peft_format import (
     _EXPERT_KEYS,
     _EXPERT_PARAMS,
@@ -28,6 +35,7 @@ from megalora.train.lora.peft_format import (
     _rule_index,
     scaling_for,
 )
+from megalora.train.lora.spec import LoraSpec
 from megalora.train.model.hf_config import HFModelSpec
 from megalora.train.model.mapping import Rule
 
@@ -250,19 +258,13 @@ def _put(module: torch.nn.Module, attr: str, old: torch.nn.Parameter, value: Ten
     setattr(module, attr, new)
 
 
-def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec) -> dict[str, int]:
-    """Load the peft adapter in `adapter_dir` into `model` (already wrapped by `apply_lora`, any
-    TP/EP/SP layout; megatron's parallel state initialised). Fused modules get rank sum(r_i) (their
+def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
+                      dims: ParallelDims | None = None) -> dict[str, int]:
+    """Load the peft adapter in `adapter_dir` into `model` (already wrapped by `apply_lora`, on the
+    layout `dims`, default `groups.current()`). Fused modules get rank sum(r_i) (their
     lora_A / lora_B Parameters are replaced); modules the adapter does not cover get B = 0. Build
     optimizers and DDP after this call. Returns the rank of every imported adapter, keyed by the
     name of its A parameter."""
-    from safetensors.torch import load_file
-
-    from megalora.train.lora.experts import LoraExperts
-    from megalora.train.lora.gates import LoraGate
-    from megalora.train.lora.layers import LoraLinear
-    from megalora.train.lora.layout import lora_layout
-
     folder = Path(adapter_dir)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / file).is_file():
@@ -278,26 +280,25 @@ def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spe
     if extra:
         raise ConfigError(f"{folder}: the adapter adapts {extra[:3]}, where the model has no LoRA; "
                           "add those targets to lora.target_modules")
-    return load_megatron_lora(model, full)
+    return load_megatron_lora(model, full, dims=dims)
 
 
-def load_megatron_lora(model: torch.nn.Module, full: Mapping[str, Tensor]) -> dict[str, int]:
+def load_megatron_lora(model: torch.nn.Module, full: Mapping[str, Tensor], *,
+                       dims: ParallelDims | None = None) -> dict[str, int]:
     """Load full-shape megatron LoRA tensors into `model` (wrapped by `apply_lora`, any layout),
     resizing the lora_A / lora_B Parameters of modules whose rank differs (attributes kept); a
     module missing from `full` gets B = 0. The output layer's B may lack the vocab padding rows.
     Use it before `load_checkpoint` when resuming a run whose ranks came from an import.
-    Returns the rank of every loaded adapter, keyed by the name of its A parameter."""
-    from megatron.core import parallel_state as ps
-
-    from megalora.train.lora.layout import lora_layout, shard_lora_state
-
+    Returns the rank of every loaded adapter, keyed by the name of its A parameter. `dims`: the
+    layout `model` was built on (default: `groups.current()`)."""
+    dims = dims or groups.current()
     layout = lora_layout(model)
     extra = sorted(set(full) - set(layout))
     if extra:
         raise ValueError(f"LoRA tensors {extra[:3]} have no LoRA module in the model")
     full = dict(full)
     params = dict(model.named_parameters())
-    tp_size = ps.get_tensor_model_parallel_world_size()
+    tp_size = dims.tp
     for name in layout:
         if name in full and name.startswith("output_layer.") and name.endswith("lora_B"):
             rows = params[name].shape[0] * tp_size  # the padded vocab of this layout (padding rows carry nothing)
@@ -305,9 +306,7 @@ def load_megatron_lora(model: torch.nn.Module, full: Mapping[str, Tensor]) -> di
             full[name] = torch.cat([value, value.new_zeros(rows - value.shape[0], value.shape[1])])
     names = [n for n in layout if n in full]
     shards = shard_lora_state({n: full[n] for n in names}, {n: layout[n] for n in names},
-                              tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=tp_size,
-                              ep_rank=ps.get_expert_model_parallel_rank(),
-                              ep_size=ps.get_expert_model_parallel_world_size())
+                              tp_rank=dims.tp_rank, tp_size=tp_size, ep_rank=dims.ep_rank, ep_size=dims.ep)
     ranks: dict[str, int] = {}
     with torch.no_grad():
         for name in layout:
@@ -339,16 +338,10 @@ def megatron_targets(full_lora: Mapping[str, Tensor]) -> list[str]:
     return sorted(targets)
 
 
-def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
-                       seed: int = 42, expert_impl: str = "grouped") -> dict[str, int]:
-    """`apply_lora` with the targets, rank and alpha of the peft adapter in `adapter_dir`, then
-    `load_peft_adapter`: the megatron model then computes what peft computes on transformers.
-    Returns the imported ranks (see `load_peft_adapter`)."""
-    from safetensors.torch import load_file
-
-    from megalora.config import LoraSection
-    from megalora.train.lora.apply import apply_lora
-
+def lora_spec_of_peft_adapter(adapter_dir: str | Path, *, hf_spec: HFModelSpec) -> LoraSpec:
+    """The `LoraSpec` that gives a megatron model of `hf_spec` a LoRA module for every adapter in the
+    peft folder `adapter_dir`, at the adapter's rank and alpha (fused modules are widened when
+    the adapter is loaded)."""
     folder = Path(adapter_dir)
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise ConfigError(f"{folder}: not a peft adapter folder (needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
@@ -356,7 +349,5 @@ def apply_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_sp
     full = peft_to_megatron(load_file(str(folder / ADAPTER_WEIGHTS)), config, hf_spec=hf_spec)
     if not full:
         raise ConfigError(f"{folder}: the adapter has no tensor on this model's first {hf_spec.num_layers} layers")
-    section = LoraSection(lora_rank=int(config["r"]), lora_alpha=float(config["lora_alpha"]),
-                          use_rslora=bool(config.get("use_rslora", False)), target_modules=megatron_targets(full))
-    apply_lora(model, section, seed=seed, expert_impl=expert_impl, verbose=False)
-    return load_peft_adapter(model, folder, hf_spec=hf_spec)
+    return LoraSpec(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                    use_rslora=bool(config.get("use_rslora", False)), target_modules=tuple(megatron_targets(full)))

@@ -18,18 +18,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.layout import gather_full_lora, lora_layout, shard_lora_state
 from megalora.train.lora.options import kaiming_uniform_full
 from megalora.train.lora.peft_format import megatron_to_peft, peft_to_megatron
 from megalora.train.lora.peft_import import load_megatron_lora
 
 
-def _full_lora(model: torch.nn.Module, layout: dict[str, str]) -> dict[str, torch.Tensor]:
+def _full_lora(model: torch.nn.Module, layout: dict[str, str], dims: ParallelDims) -> dict[str, torch.Tensor]:
     """Every rank gets the full-shape LoRA tensors of `model` (gathered over the layout)."""
     named = {n: p.data for n, p in model.named_parameters() if n in layout}
-    full = gather_full_lora(named, layout)
+    full = gather_full_lora(named, layout, dims=dims)
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [full]
         dist.broadcast_object_list(box, src=0)
@@ -37,10 +38,13 @@ def _full_lora(model: torch.nn.Module, layout: dict[str, str]) -> dict[str, torc
     return full
 
 
-def split_fused_adapters(model: torch.nn.Module, *, hf_spec: Any, lora_options: Any, seed: int) -> int:
-    """Give every fused layer one adapter per HF projection; returns how many B tensors are masked."""
+def split_fused_adapters(model: torch.nn.Module, *, hf_spec: Any, lora_options: Any, seed: int,
+                         dims: ParallelDims | None = None) -> int:
+    """Give every fused layer one adapter per HF projection; returns how many B tensors are masked.
+    `dims`: the layout `model` was built on (default: `groups.current()`)."""
+    dims = dims or groups.current()
     layout = lora_layout(model)
-    full = _full_lora(model, layout)
+    full = _full_lora(model, layout, dims)
     tensors, config = megatron_to_peft(full, hf_spec=hf_spec, lora_options=lora_options)
     fresh, ones = {}, {}
     for key, value in tensors.items():
@@ -52,7 +56,7 @@ def split_fused_adapters(model: torch.nn.Module, *, hf_spec: Any, lora_options: 
             fresh[key] = torch.zeros_like(value)
             ones[key] = torch.ones_like(value)
     scaling = lora_options.scaling
-    load_megatron_lora(model, peft_to_megatron(fresh, config, hf_spec=hf_spec, scaling=scaling))
+    load_megatron_lora(model, peft_to_megatron(fresh, config, hf_spec=hf_spec, scaling=scaling), dims=dims)
     pattern = peft_to_megatron(ones, config, hf_spec=hf_spec, scaling=scaling)
     layout = lora_layout(model)
     params = dict(model.named_parameters())
@@ -61,10 +65,7 @@ def split_fused_adapters(model: torch.nn.Module, *, hf_spec: Any, lora_options: 
         return 0
     masks = shard_lora_state({n: (pattern[n] != 0).to(params[n].dtype) for n in b_names},
                              {n: layout[n] for n in b_names},
-                             tp_rank=ps.get_tensor_model_parallel_rank(),
-                             tp_size=ps.get_tensor_model_parallel_world_size(),
-                             ep_rank=ps.get_expert_model_parallel_rank(),
-                             ep_size=ps.get_expert_model_parallel_world_size())
+                             tp_rank=dims.tp_rank, tp_size=dims.tp, ep_rank=dims.ep_rank, ep_size=dims.ep)
     for name in b_names:
         mask = masks[name].to(params[name].device)
         params[name].lora_block_mask = mask

@@ -1,10 +1,11 @@
 """Build a megatron-core `GPTModel` from an HF folder (config.json + safetensors).
 
-    model, info = build_model("Qwen3-Coder-Next/", dtype=torch.bfloat16)
+    dims = groups.initialize(tp=2)
+    model, info = build_model("Qwen3-Coder-Next/", dims=dims, dtype=torch.bfloat16)
 
-megatron's parallel state must be initialised first (`megalora.parallel.groups.initialize`);
-a one-process world is set up if it is not. Each rank builds only its shard and reads
-only its slice of the weights.
+The layout is the `ParallelDims` that `megalora.parallel.groups.initialize` returned (without
+one, that of the last `initialize`, or a one-process world). Each rank builds only its shard
+and reads only its slice of the weights. LoRA is added by `megalora.train.lora.build`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
+from megalora.parallel import groups
+from megalora.parallel.dims import ParallelDims
+from megalora.train.model.attention import SDPACoreAttention
 from megalora.train.model.hf_config import HFModelSpec, padded_vocab_size, read_hf_config, to_transformer_config
-from megalora.train.model.loader import LoadReport, ParallelRank, load_hf_weights
+from megalora.train.model.loader import LoadReport, load_hf_weights
 from megalora.train.model.spec import block_spec
+from megalora.train.norm import RMSNorm
 
 
 @dataclass
@@ -27,33 +33,23 @@ class ModelInfo:
 
     spec: HFModelSpec
     config: Any
-    where: ParallelRank
+    dims: ParallelDims
     vocab_size: int
     padded_vocab_size: int
-    sequence_parallel: bool
     load: LoadReport | None
 
 
-def _ensure_parallel_state() -> None:
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        from megalora.parallel import groups
-
-        groups.initialize(tp=1, ep=1)
-
-
-def _mask_padded_vocab(model: torch.nn.Module, *, vocab_size: int, padded: int, where: ParallelRank) -> None:
+def _mask_padded_vocab(model: torch.nn.Module, *, vocab_size: int, padded: int, dims: ParallelDims) -> None:
     """Give the padding columns of the logits a huge negative value so that softmax and
     cross entropy over the padded vocab equal those over the real vocab."""
     if padded == vocab_size:
         return
-    per_rank = padded // where.tp_size
+    per_rank = padded // dims.tp
 
     def hook(_module: torch.nn.Module, _inputs: Any, output: tuple[Tensor, Any]) -> tuple[Tensor, Any]:
         logits, bias = output
         # Gathered logits span the padded vocab; local ones this rank's shard of it.
-        first = 0 if logits.shape[-1] == padded else where.tp_rank * per_rank
+        first = 0 if logits.shape[-1] == padded else dims.tp_rank * per_rank
         cut = max(vocab_size - first, 0)
         if cut >= logits.shape[-1]:
             return output
@@ -67,9 +63,9 @@ def _mask_padded_vocab(model: torch.nn.Module, *, vocab_size: int, padded: int, 
 def build_model(
     hf_dir: str | Path,
     *,
+    dims: ParallelDims | None = None,
     dtype: torch.dtype = torch.float32,
     num_layers: int | None = None,
-    sequence_parallel: bool = False,
     load_weights: bool = True,
     experts: str = "grouped",
     **config_overrides: Any,
@@ -78,24 +74,18 @@ def build_model(
 
     `num_layers` keeps only the first layers (quick checks); `experts` picks the routed-expert
     implementation (`grouped`, or the `sequential` loop reference; see `block_spec`); `config_overrides` go to
-    megatron's `TransformerConfig` (e.g. `recompute_granularity`). TP and EP degrees come
-    from megatron's parallel state. Logits over the padded vocab are masked so only the
-    first `info.vocab_size` columns matter."""
-    from megatron.core.models.gpt import GPTModel
-
-    from megalora.train.model.attention import SDPACoreAttention
-    from megalora.train.norm import RMSNorm
-
-    _ensure_parallel_state()
-    where = ParallelRank.from_megatron()
+    megatron's `TransformerConfig` (e.g. `recompute_granularity`). TP, EP and sequence parallel
+    come from `dims` (default: `groups.current()`). Logits over the padded vocab are masked so
+    only the first `info.vocab_size` columns matter. The model stays on the CPU."""
+    if dims is None:
+        dims = groups.current()
     spec = read_hf_config(hf_dir)
     if num_layers is not None:
         spec = spec.truncated(num_layers)
-    sequence_parallel = sequence_parallel and where.tp_size > 1
     config = to_transformer_config(
-        spec, dtype=dtype, tp=where.tp_size, ep=where.ep_size, sequence_parallel=sequence_parallel, **config_overrides
+        spec, dtype=dtype, tp=dims.tp, ep=dims.ep, sequence_parallel=dims.sequence_parallel, **config_overrides
     )
-    padded = padded_vocab_size(spec.vocab_size, tp=where.tp_size)
+    padded = padded_vocab_size(spec.vocab_size, tp=dims.tp)
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(spec, norm=RMSNorm, core_attention=SDPACoreAttention, experts=experts),
@@ -111,15 +101,14 @@ def build_model(
     )
     report = None
     if load_weights:
-        report = load_hf_weights(model, hf_dir, spec, where=where, padded_vocab_size=padded)
-    _mask_padded_vocab(model, vocab_size=spec.vocab_size, padded=padded, where=where)
+        report = load_hf_weights(model, hf_dir, spec, dims=dims, padded_vocab_size=padded)
+    _mask_padded_vocab(model, vocab_size=spec.vocab_size, padded=padded, dims=dims)
     info = ModelInfo(
         spec=spec,
         config=config,
-        where=where,
+        dims=dims,
         vocab_size=spec.vocab_size,
         padded_vocab_size=padded,
-        sequence_parallel=sequence_parallel,
         load=report,
     )
     return model, info

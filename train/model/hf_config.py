@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megalora.config import ConfigError
+from megalora.config import ConfigError, ModelShape, check_parallel_sizes
 from megalora.train.model.quant import BlockFP8, parse_quantization, refuse_modelopt_sidecar
 
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -77,6 +78,20 @@ class HFModelSpec:
             num_layers=num_layers,
             layer_types=self.layer_types[:num_layers],
             moe_layers=self.moe_layers[:num_layers],
+        )
+
+    def shape(self, source: str | None = None) -> ModelShape:
+        """The sizes a parallel layout must divide (see `megalora.config.check_parallel_sizes`)."""
+        return ModelShape(
+            num_experts=int(self.num_experts or 0) if self.is_moe else 0,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_key_value_heads,
+            num_linear_key_heads=int(self.linear_num_key_heads or 0),
+            num_linear_value_heads=int(self.linear_num_value_heads or 0),
+            ffn_hidden_size=self.ffn_hidden_size,
+            moe_ffn_hidden_size=int(self.moe_ffn_hidden_size or 0) if self.is_moe else 0,
+            shared_expert_ffn_hidden_size=int(self.shared_expert_ffn_hidden_size or 0) if self.is_moe else 0,
+            source=source or self.model_type,
         )
 
 
@@ -233,9 +248,7 @@ def to_transformer_config(
 
     `overrides` are passed to `TransformerConfig` last (e.g. recompute settings,
     `moe_token_dispatcher_type`, `moe_aux_loss_coeff`)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    _check_divisibility(spec, tp=tp, ep=ep)
+    check_parallel_sizes(tp=tp, ep=ep, model=spec.shape())
     kwargs: dict[str, Any] = dict(
         num_layers=spec.num_layers,
         hidden_size=spec.hidden_size,
@@ -307,26 +320,3 @@ def to_transformer_config(
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
-
-def _check_divisibility(spec: HFModelSpec, *, tp: int, ep: int) -> None:
-    """Refuse layouts that cannot split this model evenly, naming the offending field."""
-    checks = [
-        ("num_attention_heads", spec.num_attention_heads, tp, "tensor_model_parallel_size"),
-        ("num_key_value_heads", spec.num_key_value_heads, tp, "tensor_model_parallel_size"),
-        ("intermediate_size", spec.ffn_hidden_size, tp, "tensor_model_parallel_size"),
-    ]
-    if spec.is_moe:
-        checks.append(("num_experts", spec.num_experts, ep, "expert_model_parallel_size"))
-        checks.append(("moe_intermediate_size", spec.moe_ffn_hidden_size, tp, "tensor_model_parallel_size"))
-        if spec.shared_expert_ffn_hidden_size:
-            checks.append(
-                ("shared_expert_intermediate_size", spec.shared_expert_ffn_hidden_size, tp, "tensor_model_parallel_size")
-            )
-    elif ep != 1:
-        raise ConfigError(f"expert_model_parallel_size={ep} needs a MoE model; {spec.model_type} here has no experts")
-    if spec.model_type == "qwen3_next":
-        checks.append(("linear_num_key_heads", spec.linear_num_key_heads, tp, "tensor_model_parallel_size"))
-        checks.append(("linear_num_value_heads", spec.linear_num_value_heads, tp, "tensor_model_parallel_size"))
-    for key, value, degree, option in checks:
-        if value % degree:
-            raise ConfigError(f"config.json {key}={value} is not divisible by {option}={degree}")

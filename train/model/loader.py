@@ -10,6 +10,7 @@ reads its slice of each fp8 tensor and only the scale rows/columns that cover it
 from __future__ import annotations
 
 import json
+import struct
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from megalora.config import ConfigError
+from megalora.parallel.dims import ParallelDims
 from megalora.train.model.hf_config import HFModelSpec
 from megalora.train.model.mapping import Rule, Source, local_expert_name, rules_for, source_slices, vocab_rows
 from megalora.train.model.quant import (
@@ -31,8 +33,6 @@ INDEX_FILE = "model.safetensors.index.json"
 def read_header(path: Path) -> dict:
     """The tensor entries of a safetensors file's header, after checking that the file holds all
     the bytes the header describes; a one-line error naming the file otherwise."""
-    import struct
-
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -170,32 +170,6 @@ class CheckpointReader:
         return tensor
 
 
-@dataclass(frozen=True)
-class ParallelRank:
-    """Where this rank sits: tensor, expert and expert-tensor parallel coordinates."""
-
-    tp_rank: int = 0
-    tp_size: int = 1
-    ep_rank: int = 0
-    ep_size: int = 1
-    etp_rank: int = 0
-    etp_size: int = 1
-
-    @classmethod
-    def from_megatron(cls) -> "ParallelRank":
-        """Read this process's coordinates from megatron's parallel state."""
-        from megatron.core import parallel_state as ps
-
-        return cls(
-            tp_rank=ps.get_tensor_model_parallel_rank(),
-            tp_size=ps.get_tensor_model_parallel_world_size(),
-            ep_rank=ps.get_expert_model_parallel_rank(),
-            ep_size=ps.get_expert_model_parallel_world_size(),
-            etp_rank=ps.get_expert_tensor_parallel_rank(),
-            etp_size=ps.get_expert_tensor_parallel_world_size(),
-        )
-
-
 @dataclass
 class LoadReport:
     """What `load_hf_weights` did: parameters filled, bytes read from disk, and the
@@ -242,13 +216,13 @@ def read_rule_shard(
     return rule.to_megatron(*pieces)
 
 
-def _local_name(rule: Rule, where: ParallelRank, num_experts: int | None) -> str | None:
+def _local_name(rule: Rule, dims: ParallelDims, num_experts: int | None) -> str | None:
     """This rank's parameter name for `rule`, or None if the rule's expert lives elsewhere."""
     if rule.expert is None:
         return rule.megatron
     assert num_experts is not None
-    per_rank = num_experts // where.ep_size
-    first = where.ep_rank * per_rank
+    per_rank = num_experts // dims.ep
+    first = dims.ep_rank * per_rank
     if not first <= rule.expert < first + per_rank:
         return None
     return local_expert_name(rule.megatron, first_expert=first)
@@ -259,10 +233,10 @@ def load_hf_weights(
     model_dir: str | Path,
     spec: HFModelSpec,
     *,
-    where: ParallelRank,
+    dims: ParallelDims,
     padded_vocab_size: int,
 ) -> LoadReport:
-    """Fill every parameter of `model` (this rank's shard) from the HF folder `model_dir`.
+    """Fill every parameter of `model` (the shard of the rank `dims` describes) from the HF folder `model_dir`.
 
     Raises `ValueError` naming the tensor when the checkpoint lacks one or its shape does
     not match the config; every model parameter must be covered by the mapping table."""
@@ -270,10 +244,10 @@ def load_hf_weights(
     report = LoadReport()
     with CheckpointReader(model_dir) as reader:
         for rule in rules_for(spec):
-            name = _local_name(rule, where, spec.num_experts)
+            name = _local_name(rule, dims, spec.num_experts)
             if name is None:
                 continue
-            rank, world = (where.etp_rank, where.etp_size) if rule.group == "etp" else (where.tp_rank, where.tp_size)
+            rank, world = (dims.etp_rank, dims.etp) if rule.group == "etp" else (dims.tp_rank, dims.tp)
             tensor = read_rule_shard(reader, rule, rank=rank, world=world, spec=spec, padded_vocab_size=padded_vocab_size)
             param = params.get(name)
             assert param is not None, f"mapping names {name!r} but the model has no such parameter"

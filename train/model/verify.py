@@ -115,8 +115,8 @@ def megatron_logits(
     `cu_seqlens_padded` gives the segment bounds when each sequence is followed by
     padding tokens (then `cu_seqlens` holds the real lengths)."""
 
-    tp = info.where.tp_size
-    if info.sequence_parallel and tokens.shape[1] % tp:
+    tp = info.dims.tp
+    if info.dims.sequence_parallel and tokens.shape[1] % tp:
         raise ValueError(f"sequence parallel needs a token count divisible by TP={tp}, got {tokens.shape[1]}")
     packed = None
     if cu_seqlens is None:
@@ -205,22 +205,25 @@ def run_verify(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-    apply_adapter: Callable[[torch.nn.Module, Any, str | Path], None] | None = None,
+    build: Callable[..., tuple[torch.nn.Module, Any]] | None = None,
     prepare_adapter: PrepareAdapter | None = None,
     reference_dir: str | Path | None = None,
+    dims: Any = None,
 ) -> VerifyResult:
-    """Build megatron (TP=`tp`, EP=`ep`) and transformers models from `model_dir`, run the
-    same tokens through both, and compare logits. Call it on every rank of the world
-    (or in a single process). Without `tokens`, `default_tokens(seq_length, batch_size,
-    seed)` are used. `apply_adapter(model, info, adapter)` loads a PEFT adapter into our
-    LoRA modules; it is needed when `adapter` is given, as is `prepare_adapter` (see
-    `transformers_logits`) for an adapter peft does not read as written. Both models run in
-    `dtype`, megatron on `device`, transformers there too in bf16/fp16 and on the CPU in fp32 (its exact path);
+    """Build megatron (on `dims`, or TP=`tp`, EP=`ep` initialised here) and transformers models
+    from `model_dir`, run the same tokens through both, and compare logits. Call it on every rank
+    of the world (or in a single process). Without `tokens`, `default_tokens(seq_length,
+    batch_size, seed)` are used. `build(model_dir, dims=, dtype=, num_layers=)` builds the
+    megatron side (default `build_model`; with `adapter`, one that loads it into our LoRA
+    modules, e.g. `build_lora_model` with `adapter=`); `prepare_adapter` converts an adapter peft
+    does not read as written (see `transformers_logits`). Both models run in `dtype`, megatron on
+    `dims.device` (`device` when initialised here), transformers there too in bf16/fp16 and on
+    the CPU in fp32 (its exact path);
     `tolerance` and `min_argmax_agree` default to `TOLERANCES[dtype]`. `reference_dir` gives
     transformers another folder with the same weights (e.g. a block-FP8 checkpoint dequantized by
     other means, where transformers' own dequantization cannot read its blocks)."""
-    if adapter is not None and apply_adapter is None:
-        raise ValueError("adapter given but no apply_adapter function to load it into the megatron model")
+    if adapter is not None and build is None:
+        raise ValueError("adapter given but no build function that loads it into the megatron model")
     if dtype not in TOLERANCES:
         raise ValueError(f"verify runs in {', '.join(str(d) for d in TOLERANCES)}, not {dtype}")
     default_tol, default_agree = TOLERANCES[dtype]
@@ -230,12 +233,11 @@ def run_verify(
         # fp32 verify checks exactness: no TF32 (cuDNN's convolutions default to it on CUDA).
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel)
-    model, info = build_model(model_dir, dtype=dtype, num_layers=num_layers, sequence_parallel=sequence_parallel)
-    if adapter is not None:
-        assert apply_adapter is not None
-        apply_adapter(model, info, adapter)
-    model.to(device)
+    if dims is None:
+        dims = groups.initialize(tp=tp, ep=ep, sequence_parallel=sequence_parallel, device=str(device))
+    model, info = (build or build_model)(model_dir, dims=dims, dtype=dtype, num_layers=num_layers)
+    model.to(dims.device)
+    device = dims.device
     if tokens is None:
         tokens = default_tokens(info.vocab_size, num_tokens=seq_length, batch_size=batch_size, seed=seed)
     ours = megatron_logits(model, info, tokens)
