@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from megalora.parallel import groups
 from megalora.train.lora.adapter_formats import peft_readable, write_adapter
 from megalora.train.lora.layout import lora_layout
-from megalora.train.lora.peft_format import load_peft_adapter
+from megalora.train.lora.peft_import import load_peft_adapter
 from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits
 from test_peft_format import ALPHA, RANK, TOL, build_lora_model, randomize

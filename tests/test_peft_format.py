@@ -18,7 +18,8 @@ from megalora.parallel import groups
 from megalora.train.lora.apply import apply_lora
 from megalora.train.lora.layout import lora_layout
 from megalora.train.lora.options import LoraOptions
-from megalora.train.lora.peft_format import load_peft_adapter, megatron_to_peft, write_peft_adapter
+from megalora.train.lora.peft_format import megatron_to_peft, write_peft_adapter
+from megalora.train.lora.peft_import import load_peft_adapter
 from megalora.train.model.tiny import make_tiny_checkpoint
 from megalora.train.model.verify import compare_logits, default_tokens, megatron_logits, transformers_logits
 

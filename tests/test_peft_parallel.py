@@ -21,7 +21,7 @@ LAYOUTS = [(2, 1, True), (1, 2, False), (2, 2, True)]  # (tp, ep, sequence_paral
 def import_worker(rank: int, world_size: int, hf_dir: str, peft_dir: str) -> dict[tuple, Any]:
     """Per layout: logits after `load_peft_adapter` (rank 0), and checks on a resized module."""
     from megalora.parallel import groups
-    from megalora.train.lora.peft_format import load_peft_adapter
+    from megalora.train.lora.peft_import import load_peft_adapter
     from megalora.train.model.hf_config import read_hf_config
     from megalora.train.model.verify import default_tokens, megatron_logits
 

@@ -50,10 +50,10 @@ from megalora.train.lora.peft_format import (
     _rule_index,
     _targets,
     megatron_to_peft,
-    peft_to_megatron,
     read_checkpoint_lora,
     save_adapter,
 )
+from megalora.train.lora.peft_import import peft_to_megatron
 from megalora.train.model.hf_config import HFModelSpec
 
 FORMATS = ("vllm", "sglang", "peft")

@@ -286,23 +286,6 @@ def write_peft_adapter(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     return save_adapter(tensors, config, out_dir)
 
 
-def peft_to_megatron(peft_tensors: Mapping[str, Tensor], adapter_config: Mapping[str, Any], *,
-                     hf_spec: HFModelSpec, scaling: float | None = None) -> dict[str, Tensor]:
-    """peft tensors + adapter_config -> full megatron LoRA dict (see `peft_import.peft_to_megatron`)."""
-    from megalora.train.lora import peft_import  # builds on this module: imported at call time
-
-    return peft_import.peft_to_megatron(peft_tensors, adapter_config, hf_spec=hf_spec, scaling=scaling)
-
-
-def load_peft_adapter(model: torch.nn.Module, adapter_dir: str | Path, *, hf_spec: HFModelSpec,
-                      dims: Any = None) -> dict[str, int]:
-    """Load a peft adapter folder into a model wrapped by `apply_lora`, on any layout
-    (see `peft_import.load_peft_adapter`)."""
-    from megalora.train.lora import peft_import  # builds on this module: imported at call time
-
-    return peft_import.load_peft_adapter(model, adapter_dir, hf_spec=hf_spec, dims=dims)
-
-
 def peft_equivalent_count(model: torch.nn.Module, *, rank: int, vocab_size: int, padded_vocab_size: int) -> int:
     """The trainable count peft reports for the exported adapter of `model` (this rank's share).
 

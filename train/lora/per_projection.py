@@ -23,8 +23,8 @@ from megalora.parallel import groups
 from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.layout import gather_full_lora, lora_layout, shard_lora_state
 from megalora.train.lora.options import kaiming_uniform_full
-from megalora.train.lora.peft_format import megatron_to_peft, peft_to_megatron
-from megalora.train.lora.peft_import import load_megatron_lora
+from megalora.train.lora.peft_format import megatron_to_peft
+from megalora.train.lora.peft_import import load_megatron_lora, peft_to_megatron
 
 
 def _full_lora(model: torch.nn.Module, layout: dict[str, str], dims: ParallelDims) -> dict[str, torch.Tensor]:
