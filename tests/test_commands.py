@@ -97,8 +97,11 @@ def test_a_key_of_another_command_is_unknown(capsys):
 
 
 def _run_with(patch: str, argv: list[str]) -> subprocess.CompletedProcess:
-    """`megalora <argv>` in a fresh interpreter after `patch` ran there."""
-    code = f"import sys\n{patch}\nfrom megalora.cli import main\nsys.exit(main({argv!r}))"
+    """`megalora <argv>` in a fresh interpreter after `patch` ran there (with the command's own
+    warning filters in place first, as `main` sets them before it imports a command's module)."""
+    quiet = "import warnings\nfrom megalora.cli import QUIET_WARNINGS\n" \
+            "for p in QUIET_WARNINGS:\n    warnings.filterwarnings('ignore', message=p)\n"
+    code = f"import sys\n{quiet}{patch}\nfrom megalora.cli import main\nsys.exit(main({argv!r}))"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     for key in ("NPROC_PER_NODE", "NNODES", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
