@@ -26,7 +26,10 @@ What changes (only when ``torch.cuda.is_available()`` is false):
   when Transformer Engine is absent; 0.16.1 reads it unconditionally.
 - megatron's ``jit_fuser`` (``torch.compile`` in 0.16.1, for a few small elementwise
   helpers) is the identity: on CPU, compiling needs a C++ toolchain and costs seconds
-  per process for nothing. This reaches modules imported after ``install()``.
+  per process for nothing. Modules imported after ``install()`` get the identity; helpers
+  decorated before it (our modules import megatron at their top, often before any
+  ``install()``) keep their ``torch.compile`` wrapper, so ``torch.compile`` itself is
+  switched off (``torch._dynamo.config.disable``): the wrapped helpers run eagerly.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from types import ModuleType
 from typing import Any, Callable, Iterator
 
 import torch
+import torch._dynamo
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
@@ -105,6 +109,8 @@ def install() -> bool:
     _patch_torch_rng()
     _patch_streams()
     _patch_gloo_collectives()
+    # Whatever was decorated with megatron's jit_fuser before this call runs eagerly.
+    torch._dynamo.config.disable = True
     # megatron's own modules are patched when they are imported (now, if they already
     # are): a process that never imports megatron does not pay for importing it.
     hooks = _megatron_hooks()

@@ -6,6 +6,8 @@ The runtime patches torch and megatron process-wide, so it is exercised in spawn
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from typing import Any
 
@@ -240,6 +242,24 @@ def test_jit_fuser_does_not_compile(probed: list[dict[str, Any]]) -> None:
     x, got = probed[0]["swiglu"]
     gate, up = x.chunk(2, dim=-1)
     torch.testing.assert_close(got, F.silu(gate) * up)
+
+
+def test_helpers_decorated_before_install_do_not_compile() -> None:
+    """Our modules import megatron at their top, before `groups.initialize` installs the runtime:
+    the jit_fuser helpers megatron decorated then must still run without compiling."""
+    code = (
+        "import torch, megatron.core.activations as act\n"
+        "from megalora.parallel import cpu_runtime\n"
+        "cpu_runtime.install()\n"
+        "from torch._dynamo.utils import counters\n"
+        "x = torch.randn(4, 8)\n"
+        "torch.testing.assert_close(act.squared_relu(x), torch.relu(x) ** 2)\n"
+        "print('frames', sum(counters['frames'].values()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "frames 0", out.stdout
 
 
 def test_router_gating_without_transformer_engine(probed: list[dict[str, Any]]) -> None:
