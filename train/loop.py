@@ -12,7 +12,7 @@ from megalora.train.logging import Progress, make_sinks
 from megalora.train.run_dir import (check_base_model, fingerprint_model, prune_checkpoints, resolve_resume, start_run,
                                     truncate_metrics)
 from megalora.train.schedule import lr_at, warmup_steps
-from megalora.train.signals import StopRequest
+from megalora.train.signals import StopRequest, pause_point
 from megalora.train.step import dp_all_reduce, eval_step, train_step
 
 
@@ -163,6 +163,7 @@ class Trainer:
                     where = self.last_checkpoint or "none (no checkpoint was written yet)"
                     raise NonFiniteLoss(f"non-finite loss {result.loss} / grad norm {result.grad_norm} at step "
                                         f"{self.step + 1}; the last good checkpoint is {where}")
+                pause_point(f"step-{self.step + 1}", rank=rt.rank)
                 self.optimizer.step()
                 self.step += 1
                 elapsed = time.perf_counter() - t0
@@ -182,8 +183,10 @@ class Trainer:
                 save_every = cfg.checkpoint.save_interval
                 if stopping or self.step == self.total_steps or (save_every and self.step % save_every == 0):
                     self.save()
+                    # A signal that came during the save stops here: the checkpoint is this step's.
+                    stopping = stopping or (self.step < self.total_steps and stop.should_stop())
                 if stopping:
-                    rt.log(f"megalora: stopped by signal {stop.signum} after step {self.step}; resume with "
+                    rt.log(f"megalora: stopped by signal {stop.agreed} after step {self.step}; resume with "
                            f"--resume latest --save {self.run_dir}")
                     return 0
         except NonFiniteLoss as e:
