@@ -69,6 +69,22 @@ def _rank_of(pid: int) -> int:
     return int(next(v for v in env if v.startswith(b"RANK=")).split(b"=", 1)[1])
 
 
+JOBS: list["Job"] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test():
+    """A failed test kills what it started (the command; its parent-death signals take the rest)."""
+    yield
+    while JOBS:
+        job = JOBS.pop()
+        for pid in _alive(job.pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class Job:
     """`megalora sft` on 2 ranks in its own session (as a shell starts a command), its output in a
     file, rank 0 told to wait at `pause` (None: run through)."""
@@ -85,6 +101,7 @@ class Job:
                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.pids: list[int] = [self.proc.pid]
         self.ranks: dict[int, int] = {}
+        JOBS.append(self)
 
     def output(self) -> str:
         return self.log.read_text()

@@ -195,10 +195,12 @@ def run_job(cmd: list[str], *, env: dict, grace_s: float, run_dir: Path) -> int:
     try:
         while True:
             try:
-                code = proc.wait(timeout=1.0 if stop_at and not killed else None)
+                # A bounded wait: a signal handled during it does not end it, and the grace period
+                # is counted here.
+                code = proc.wait(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
-                if time.monotonic() - stop_at[0] > grace_s:
+                if stop_at and not killed and time.monotonic() - stop_at[0] > grace_s:
                     kill_job(f"did not stop within stop_grace_period={grace_s:g}s")
     finally:
         for s, handler in previous.items():
