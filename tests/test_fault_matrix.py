@@ -2,10 +2,11 @@
 a real signal to one rank, to the command (the launcher) or to its process group (a terminal's
 Ctrl-C, `kill -- -PGID`), at a step or inside a checkpoint save.
 
-    target     at a step                   inside a save
-    rank       SIGTERM (rank 1), SIGKILL   SIGINT (rank 1), SIGKILL (rank 0, the writer)
-    launcher   SIGTERM, SIGKILL            SIGINT, SIGKILL (the first save), grace period expiry
-    group      SIGINT, SIGKILL             SIGTERM, SIGKILL
+    target          at a step                   inside a save
+    rank            SIGTERM, SIGKILL            SIGINT, SIGKILL (rank 0, the writer)
+    launcher        SIGTERM, SIGKILL            SIGINT, SIGKILL (the first save), grace period expiry
+    group           SIGINT, SIGKILL             SIGTERM, SIGKILL
+    every process   SIGTERM (systemd's stop)
 
 SIGINT and SIGTERM share one handler in the ranks and one in the launcher, so each target takes
 each of them once. The moment is chosen without timing: `MEGALORA_TEST_PAUSE` makes rank 0 wait
@@ -146,8 +147,11 @@ def _signal(job: Job, target: str, sig: signal.Signals, pause: str) -> None:
         os.kill(job.ranks[1 if sig != signal.SIGKILL and pause.startswith("save") else 0], sig)
     elif target == "launcher":
         os.kill(job.proc.pid, sig)
-    else:
+    elif target == "group":
         os.killpg(job.proc.pid, sig)
+    else:  # every process of the job at once, as systemd stops a service
+        for pid in job.pids:
+            os.kill(pid, sig)
     if sig != signal.SIGKILL and target != "rank":
         # The launcher says so once the ranks have the signal: only then may rank 0 go on.
         job.wait_until(lambda: f"megalora: {sig.name}: the ranks finish" in job.output(), "forwarded signal")
@@ -201,7 +205,8 @@ def reference(train_assets, tmp_path_factory):
 # (target, signal, pause point): each stops at the step it names and saves there.
 GRACEFUL = [("rank", signal.SIGTERM, "step-1"), ("launcher", signal.SIGINT, "save-2"),
             ("group", signal.SIGINT, "step-3"), ("rank", signal.SIGINT, "save-4"),
-            ("launcher", signal.SIGTERM, "step-5"), ("group", signal.SIGTERM, "save-6")]
+            ("launcher", signal.SIGTERM, "step-5"), ("group", signal.SIGTERM, "save-6"),
+            ("every process", signal.SIGTERM, "step-7")]
 
 
 def test_graceful_stops_save_at_the_stop_and_resume_equals_an_uninterrupted_run(train_assets, reference, tmp_path):
@@ -225,7 +230,7 @@ def test_graceful_stops_save_at_the_stop_and_resume_equals_an_uninterrupted_run(
         _assert_whole(run)
     job = Job(tmp_path / "last", _flags(train_assets, run, "--resume", "latest"), None)
     code, out = job.finish()
-    assert code == 0 and f"resumed from {run / 'checkpoint-6'} at step 6" in out, out[-4000:]
+    assert code == 0 and f"resumed from {run / 'checkpoint-7'} at step 7" in out, out[-4000:]
     _assert_equals_reference(run, reference)
 
 

@@ -110,7 +110,9 @@ def launch_env(env: dict) -> LaunchEnv:
 
 
 def torchrun_command(argv: list[str], launch: LaunchEnv) -> list[str]:
-    cmd = [sys.executable, "-m", "megalora.train.launch", f"--nproc_per_node={launch.nproc_per_node}"]
+    # SIGTERM/SIGINT are left to `torchrun_main` (torchrun's own handling kills the ranks 30 s later).
+    cmd = [sys.executable, "-m", "megalora.train.launch", f"--nproc_per_node={launch.nproc_per_node}",
+           "--signals_to_handle=SIGHUP,SIGQUIT"]
     if launch.nnodes == 1 and launch.master_port is None:
         # One node and no port asked for: torchrun's standalone rendezvous takes a free port, so
         # two runs on one machine never collide on a default one.
@@ -154,9 +156,9 @@ def run_sft(cfg, extras, *, config_path: str | None, argv: list[str]) -> int:
 
 
 def run_job(cmd: list[str], *, env: dict, grace_s: float, run_dir: Path) -> int:
-    """Run torchrun and wait for it. SIGTERM/SIGINT here go straight to its ranks (torchrun itself
-    would kill them 30 s later): they finish the step, save and exit, and this waits for that up
-    to `grace_s` seconds (or a second signal) before killing the job. torchrun gets a parent-death
+    """Run torchrun and wait for it. SIGTERM/SIGINT here go straight to its ranks: they finish the
+    step, save and exit, and this waits for that up to `grace_s` seconds (or a second signal)
+    before killing the job and saying so in one line. torchrun gets a parent-death
     signal, and its ranks one from it, so nothing outlives this process."""
     from megalora.train.run_dir import read_latest
     from megalora.train.signals import child_pids, die_with_parent
@@ -179,7 +181,7 @@ def run_job(cmd: list[str], *, env: dict, grace_s: float, run_dir: Path) -> int:
         name = signal.Signals(signum).name
         if stop_at:
             print(f"megalora: {name} again: killing the job now", flush=True)
-            kill_job(f"killed on a second {name}")
+            kill_job(f"got a second {name}")
             return
         stop_at.append(time.monotonic())
         for pid in child_pids(proc.pid) or [proc.pid]:
@@ -216,11 +218,24 @@ def run_job(cmd: list[str], *, env: dict, grace_s: float, run_dir: Path) -> int:
 
 def torchrun_main(args: list[str]) -> int:
     """torchrun, with its failure report said in one line: which ranks failed and how (each rank
-    printed its own error above). A rank's traceback, if it had one, is still shown by the rank."""
+    printed its own error above). SIGTERM/SIGINT to it (systemd stopping a service signals every
+    process of it) go to the ranks like the command's, and torchrun keeps waiting for them:
+    only the command's `stop_grace_period`, not torchrun's own 30 s, decides when they are killed."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    from megalora.train.signals import child_pids
+
+    def forward(signum, frame) -> None:
+        for pid in child_pids(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, forward)
     try:
         run(parse_args(args))
     except ChildFailedError as e:
