@@ -161,8 +161,12 @@ def _latest(run: Path) -> str | None:
     return (run / "latest").read_text().strip() if (run / "latest").is_file() else None
 
 
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def _steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["step"] for row in _metrics(run)]
 
 
 def _assert_whole(run: Path, *, partial: str | None = None) -> None:
@@ -179,9 +183,8 @@ def _assert_whole(run: Path, *, partial: str | None = None) -> None:
 
 def _assert_equals_reference(run: Path, ref: Path) -> None:
     assert _steps(run) == list(range(1, STEPS + 1)), _steps(run)  # each step once
-    ref_loss = {json.loads(line)["step"]: json.loads(line)["loss"] for line in (ref / "metrics.jsonl").read_text().splitlines()}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    ref_loss = {row["step"]: row["loss"] for row in _metrics(ref)}
+    for row in _metrics(run):
         assert row["loss"] == pytest.approx(ref_loss[row["step"]], rel=RTOL), row["step"]
     a = load_file(str(ref / f"checkpoint-{STEPS}" / "adapter_model.safetensors"))
     b = load_file(str(run / f"checkpoint-{STEPS}" / "adapter_model.safetensors"))
@@ -256,7 +259,8 @@ def test_kills_leave_no_process_and_resume_from_the_last_complete_checkpoint(tra
     r = subprocess.run([sys.executable, "-m", "megalora", "sft", *_flags(train_assets, run, "--resume", "latest")],
                        env=_env({"NPROC_PER_NODE": "2"}), cwd=ROOT, capture_output=True, text=True, timeout=BOUND_S)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert r.stderr.count("\n") == 1 and "has no `latest` file" in r.stderr and ".tmp-checkpoint-2" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # one line, no launch
+    assert "has no `latest` file" in r.stderr and ".tmp-checkpoint-2" in r.stderr, r.stderr
 
     cut_short = "checkpoint-2"
     for i, (target, pause, resume, latest, partial) in enumerate(KILLS):

@@ -58,8 +58,8 @@ def _rank_errors(r) -> list[str]:
     assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
     summary = [line for line in out.splitlines() if line.startswith("megalora sft: error: rank")]
     # The rank that fails first exits with 2; torchrun may stop the other with SIGTERM before it does.
-    assert len(summary) == 1 and "exited with 2" in summary[0] and summary[0].endswith("the ranks' messages are above"), \
-        out[-3000:]
+    assert len(summary) == 1 and "exited with 2" in summary[0], out[-3000:]
+    assert summary[0].endswith("the ranks' messages are above"), summary
     return [line for line in out.splitlines() if line.startswith("megalora sft: error (rank")]
 
 

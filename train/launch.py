@@ -242,7 +242,8 @@ def torchrun_main(args: list[str]) -> int:
         how = []
         for rank, failure in sorted(e.failures.items()):
             code = failure.exitcode
-            how.append(f"rank {rank} " + (f"was killed by {failure.signal_name()}" if code < 0 else f"exited with {code}"))
+            how.append(f"rank {rank} was killed by {failure.signal_name()}" if code < 0 else
+                       f"rank {rank} exited with {code}")
         sys.stderr.write(f"megalora sft: error: {', '.join(how)}; the ranks' messages are above\n")
         return 1
     except SignalException as e:
