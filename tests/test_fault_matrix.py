@@ -3,7 +3,7 @@ a real signal to one rank, to the command (the launcher) or to its process group
 Ctrl-C, `kill -- -PGID`), at a step or inside a checkpoint save.
 
     target          at a step                   inside a save
-    rank            SIGTERM, SIGKILL            SIGINT, SIGKILL (rank 0, the writer)
+    rank            SIGTERM, SIGKILL            SIGINT, SIGKILL (rank 0, the writer; rank 1)
     launcher        SIGTERM, SIGKILL            SIGINT, SIGKILL (the first save), grace period expiry
     group           SIGINT, SIGKILL             SIGTERM, SIGKILL
     every process   SIGTERM (systemd's stop)
@@ -140,11 +140,14 @@ class Job:
 
 def _signal(job: Job, target: str, sig: signal.Signals, pause: str) -> None:
     """Send `sig` to `target`. A rank's SIGKILL goes to rank 0 (the paused one: mid-step, or writing
-    the checkpoint). Its SIGTERM/SIGINT inside a save goes to rank 1, which waits in a collective
-    for rank 0 and learns of it when the save ends; at a step to rank 0, because rank 1 may already
-    have voted on stopping after this step (it would stop after the next one)."""
+    the checkpoint; target "rank 1" names the other). Its SIGTERM/SIGINT inside a save goes to
+    rank 1, which waits in a collective for rank 0 and learns of it when the save ends; at a step
+    to rank 0, because rank 1 may already have voted on stopping after this step (it would stop
+    after the next one)."""
     if target == "rank":
         os.kill(job.ranks[1 if sig != signal.SIGKILL and pause.startswith("save") else 0], sig)
+    elif target == "rank 1":
+        os.kill(job.ranks[1], sig)
     elif target == "launcher":
         os.kill(job.proc.pid, sig)
     elif target == "group":
@@ -240,11 +243,11 @@ def test_graceful_stops_save_at_the_stop_and_resume_equals_an_uninterrupted_run(
 # (target, pause point, whether to resume, the `latest` it leaves, the save it cuts short)
 KILLS = [("rank", "step-3", False, "checkpoint-2", None), ("rank", "save-4", True, "checkpoint-2", "checkpoint-4"),
          ("group", "save-4", True, "checkpoint-2", "checkpoint-4"), ("launcher", "step-5", True, "checkpoint-4", None),
-         ("group", "step-6", True, "checkpoint-4", None)]
+         ("group", "step-6", True, "checkpoint-4", None), ("rank 1", "save-6", True, "checkpoint-4", "checkpoint-6")]
 
 
 def test_kills_leave_no_process_and_resume_from_the_last_complete_checkpoint(train_assets, reference, tmp_path):
-    """SIGKILL to a rank, the command or its group, mid-step or inside a save: every process of
+    """SIGKILL to a rank (either), the command or its group, mid-step or inside a save: every process of
     the job is gone, the command fails, `latest` names the last complete checkpoint, a save cut
     short is only a `.tmp-*` folder (removed and reported at the next start). Killed inside the
     first save, `--resume latest` is refused in one line. The chain ends equal to the reference."""
@@ -267,6 +270,8 @@ def test_kills_leave_no_process_and_resume_from_the_last_complete_checkpoint(tra
         job = Job(tmp_path / f"job{i}", _flags(train_assets, run, *(["--resume", "latest"] if resume else [])), pause)
         job.wait_paused()
         _signal(job, target, signal.SIGKILL, pause)
+        if target == "rank 1":
+            job.release()  # rank 0 goes on writing, and fails on the peer it no longer has
         code, out = job.finish()
         case = f"{target} SIGKILL at {pause}:\n{out[-4000:]}"
         assert code != 0, case
