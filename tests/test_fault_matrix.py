@@ -274,7 +274,7 @@ def test_kills_leave_no_process_and_resume_from_the_last_complete_checkpoint(tra
             job.release()  # rank 0 goes on writing, and fails on the peer it no longer has
         code, out = job.finish()
         case = f"{target} SIGKILL at {pause}:\n{out[-4000:]}"
-        assert code != 0, case
+        assert code != 0 and "Traceback" not in out, case
         if cut_short:
             assert f"removed {run / ('.tmp-' + cut_short)}, left by a save that did not finish" in out, case
         assert _latest(run) == latest, case

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import torch
 
 from megalora.train.checkpoint import load_checkpoint, save_checkpoint
 from megalora.train.logging import Progress, make_sinks
-from megalora.train.run_dir import (check_base_model, fingerprint_model, prune_checkpoints, resolve_resume, start_run,
-                                    truncate_metrics)
+from megalora.train.run_dir import (check_base_model, fingerprint_model, prune_checkpoints, read_latest, resolve_resume,
+                                    start_run, truncate_metrics)
 from megalora.train.schedule import lr_at, warmup_steps
 from megalora.train.signals import StopRequest, pause_point
 from megalora.train.step import dp_all_reduce, eval_step, train_step
@@ -18,6 +19,10 @@ from megalora.train.step import dp_all_reduce, eval_step, train_step
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# How a collective fails when a peer process has died (gloo over TCP).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 class Trainer:
@@ -192,6 +197,14 @@ class Trainer:
         except NonFiniteLoss as e:
             print(f"megalora sft: error (rank {rt.rank}): {e}", flush=True)
             return 3
+        except RuntimeError as e:
+            if not any(words in str(e) for words in PEER_GONE):
+                raise
+            # Another rank died (killed, out of memory): its own message, or the launcher's, says why.
+            latest = read_latest(self.run_dir)
+            sys.stderr.write(f"megalora sft: error (rank {rt.rank}): another rank of the job is gone (after step "
+                             f"{self.step}); the last complete checkpoint is {latest or 'none'}\n")
+            return 1
         finally:
             stop.restore()
             sinks.close()
