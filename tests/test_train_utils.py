@@ -93,7 +93,7 @@ def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
 def test_torchrun_relaunch_command():
     env = {"NPROC_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
     cmd = torchrun_command(["configs/demo.yaml", "--lr", "1e-4"], launch_env(env))
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "megalora.train.launch"]
     assert "--nproc_per_node=8" in cmd and "--nnodes=2" in cmd and "--node_rank=1" in cmd
     assert "--master_addr=10.0.0.1" in cmd and "--master_port=1234" in cmd
     assert cmd[-5:] == ["megalora", "sft", "configs/demo.yaml", "--lr", "1e-4"]

@@ -31,6 +31,7 @@ from megalora.errors import UserError
 from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.layout import gather_full_lora, rank_coords, shard_lora_state
 from megalora.train.run_dir import commit_checkpoint, file_checksums, read_latest, tmp_checkpoint_dir, write_json
+from megalora.train.signals import pause_point
 
 FORMAT_VERSION = 1
 
@@ -64,6 +65,7 @@ def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, layout: dict[
 
     def write_shared() -> None:
         _save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "adapter_model.safetensors")
+        pause_point(f"save-{step}", rank=rank)
         if moments:
             _save_file({k: v.contiguous() for k, v in moments.items()}, tmp / "optimizer.safetensors")
         opt_steps = {n: int(optimizer.state[p]["step"]) for n, p in named.items()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -12,15 +13,19 @@ from megalora.config import ConfigError
 from megalora.train.checkpoint import load_checkpoint, save_checkpoint
 from megalora.train.logging import Progress, make_sinks
 from megalora.train.lora.grads import reduce_lora_grads
-from megalora.train.run_dir import (check_base_model, checkpoint_name, fingerprint_model, prune_checkpoints, resolve_resume,
-                                    start_run, truncate_metrics)
+from megalora.train.run_dir import (check_base_model, checkpoint_name, fingerprint_model, prune_checkpoints, read_latest,
+                                    resolve_resume, start_run, truncate_metrics)
 from megalora.train.schedule import lr_at, warmup_steps
-from megalora.train.signals import StopRequest
+from megalora.train.signals import StopRequest, pause_point
 from megalora.train.step import dp_all_reduce, eval_step, train_step
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# How a collective fails when a peer process has died (gloo over TCP).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 class Trainer:
@@ -159,6 +164,7 @@ class Trainer:
                     where = self.last_checkpoint or "none (no checkpoint was written yet)"
                     raise NonFiniteLoss(f"non-finite loss {result.loss} / grad norm {result.grad_norm} at step "
                                         f"{self.step + 1}; the last good checkpoint is {where}")
+                pause_point(f"step-{self.step + 1}", rank=rt.dims.rank)
                 self.optimizer.step()
                 self.step += 1
                 elapsed = time.perf_counter() - t0
@@ -178,13 +184,23 @@ class Trainer:
                 save_every = cfg.checkpoint.save_interval
                 if stopping or self.step == self.total_steps or (save_every and self.step % save_every == 0):
                     self.save()
+                    # A signal that came during the save stops here: the checkpoint is this step's.
+                    stopping = stopping or (self.step < self.total_steps and stop.should_stop())
                 if stopping:
-                    rt.log(f"megalora: stopped by signal {stop.signum} after step {self.step}; resume with "
+                    rt.log(f"megalora: stopped by signal {stop.agreed} after step {self.step}; resume with "
                            f"--resume latest --save {self.run_dir}")
                     return 0
         except NonFiniteLoss as e:
             print(f"megalora sft: error (rank {rt.dims.rank}): {e}", flush=True)
             return 3
+        except RuntimeError as e:
+            if not any(words in str(e) for words in PEER_GONE):
+                raise
+            # Another rank died (killed, out of memory): its own message, or the launcher's, says why.
+            latest = read_latest(self.run_dir)
+            sys.stderr.write(f"megalora sft: error (rank {rt.dims.rank}): another rank of the job is gone (after step "
+                             f"{self.step}); the last complete checkpoint is {latest or 'none'}\n")
+            return 1
         finally:
             stop.restore()
             sinks.close()

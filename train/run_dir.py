@@ -127,9 +127,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
         path = read_latest(run_dir)
         if path is None:
             found = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+            partial = sorted(p.name for p in Path(run_dir).glob(".tmp-checkpoint-*"))
+            cut = f"; {', '.join(partial)} is what a save cut short left (removed at the next start)" if partial else ""
             raise ConfigError(f"`resume`=latest: {run_dir} has no `latest` file: no checkpoint of it was completed "
-                              f"(complete checkpoint folders: {found}); start without --resume, or pass a checkpoint "
-                              "folder")
+                              f"(complete checkpoint folders: {found}{cut}); start without --resume, or pass a "
+                              "checkpoint folder")
         if not path.is_dir():
             raise ConfigError(f"`resume`=latest: {run_dir / 'latest'} names {path.name}, which does not exist")
         meta = verify_checkpoint(path)
