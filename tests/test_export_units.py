@@ -258,13 +258,13 @@ def test_unknown_lora_tensor_is_refused() -> None:
 
 
 def test_adapter_mode_dispatches_with_its_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import megalora.train.lora.adapter_formats as formats
+    import megalora.export.run as export_run
 
     ckpt = _dense_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="--adapter_format: expected one of"):
         export_checkpoint(ckpt, tmp_path / "a1", mode="adapter", adapter_format="tgi")
     calls = []
-    monkeypatch.setattr(formats, "write_adapter",
+    monkeypatch.setattr(export_run, "write_adapter",
                         lambda c, o, *, adapter_format, log: calls.append((Path(c), Path(o), adapter_format)))
     export_checkpoint(ckpt, tmp_path / "a2", mode="adapter")
     export_checkpoint(ckpt, tmp_path / "a3", mode="adapter", adapter_format="sglang")
