@@ -211,3 +211,12 @@ def test_training_builds_through_the_builder(train_assets, builds, tmp_path):
     assert kwargs["lora"] == LoraSpec.from_section(cfg.lora) and kwargs["adapter"] is None
     assert kwargs["dims"] == ParallelDims(world_size=1, device=kwargs["dims"].device)
     assert info.steps == ["build", "apply_lora", "split_fused_adapters"]
+
+
+def test_a_folder_without_meta_is_a_user_error(tmp_path):
+    """A wrong checkpoint folder is the user's mistake: one line (a UserError), not a traceback."""
+    from megalora.errors import UserError
+    from megalora.train.lora.build import build_lora_model
+
+    with pytest.raises(UserError, match="no meta.json"):
+        build_lora_model(tmp_path, checkpoint=tmp_path)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from megalora.config import ConfigError
 from megalora.parallel import groups
 from megalora.parallel.dims import ParallelDims
 from megalora.train.lora.apply import LoraReport, apply_lora
@@ -80,7 +81,7 @@ def build_lora_model(
     if checkpoint is not None:
         meta_path = Path(checkpoint) / "meta.json"
         if not meta_path.is_file():
-            raise ValueError(f"{checkpoint}: not a megalora checkpoint folder (no meta.json)")
+            raise ConfigError(f"{checkpoint}: not a megalora checkpoint folder (no meta.json)")
         lora = read_trained_model(json.loads(meta_path.read_text()), where=meta_path).lora
     model, base = build_model(model_dir, dims=dims, dtype=dtype, num_layers=num_layers, experts=experts,
                               **config_overrides)
@@ -116,5 +117,5 @@ def _load_checkpoint_lora(model: torch.nn.Module, ckpt: Path, *, dims: ParallelD
     full = load_file(str(ckpt / "adapter_model.safetensors"))
     missing = sorted(set(layout) - set(full))
     if missing:
-        raise ValueError(f"{ckpt}: adapter_model.safetensors lacks {missing[:3]} that the model's LoRA has")
+        raise ConfigError(f"{ckpt}: adapter_model.safetensors lacks {missing[:3]} that the model's LoRA has")
     load_megatron_lora(model, {n: full[n] for n in layout}, dims=dims)
